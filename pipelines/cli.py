@@ -1,0 +1,291 @@
+"""The ``kaitune`` command: validate, plan, render and run a Kaito tuning Workspace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipelines.errors import EXIT_BAD_INPUT, BadInput, Problem
+from pipelines.finetune import render as render_workflow
+from pipelines.gpus import skus_by_size
+from pipelines.plan import load_and_plan, load_spec
+from pipelines.plan_report import plan_table
+from pipelines.presets import PRESETS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Kaito-style QLoRA/LoRA fine-tuning as an Argo Workflow.",
+)
+out = Console()
+err = Console(stderr=True)
+
+SpecFile = Annotated[Path, typer.Argument(help="Kaito Workspace YAML (with an optional training ConfigMap)")]
+AllowLocal = Annotated[
+    bool, typer.Option("--allow-local-urls", help="allow loopback/private dataset URLs (local test servers)")
+]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input is a clear message and exit 2, never a traceback."""
+    try:
+        yield
+    except BadInput as exc:
+        err.print(exc.render(), markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def validate(file: SpecFile, allow_local_urls: AllowLocal = False) -> None:
+    """Check a Workspace against Kaito's admission rules and the GPU fit; list every problem."""
+    with user_errors():
+        spec, plan = load_and_plan(file, allow_local_urls=allow_local_urls)
+    for warning in spec.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    out.print(f"{file}: valid ({spec.method} {spec.preset_name} on {plan.target})", markup=False)
+
+
+@app.command()
+def plan(
+    file: SpecFile,
+    local: Annotated[bool, typer.Option(help="plan for this machine instead")] = False,
+    allow_local_urls: AllowLocal = False,
+) -> None:
+    """Show the model, GPUs, dtype, LoRA targets and memory estimate for a Workspace."""
+    with user_errors():
+        _, the_plan = load_and_plan(file, allow_local_urls=allow_local_urls, local=local)
+    out.print(plan_table(the_plan))
+
+
+@app.command()
+def render(
+    file: SpecFile,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of stdout")] = None,
+    template: Annotated[
+        bool, typer.Option("--template", help="a WorkflowTemplate (for GitOps) instead of a Workflow")
+    ] = False,
+    allow_local_urls: AllowLocal = False,
+) -> None:
+    """Write the Argo Workflow (or WorkflowTemplate) for a Workspace as YAML."""
+    with user_errors():
+        spec, the_plan = load_and_plan(file, allow_local_urls=allow_local_urls)
+        doc = render_workflow(spec, the_plan, kind="WorkflowTemplate" if template else "Workflow")
+    text = to_yaml(doc)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        err.print(f"wrote {output}", markup=False)
+
+
+def to_yaml(doc: dict[str, Any]) -> str:
+    return yaml.safe_dump(doc, sort_keys=False, width=120, allow_unicode=True)
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets."""
+    table = Table("preset", "model", "params", "arch", "LoRA targets", "context")
+    for p in PRESETS.values():
+        table.add_row(
+            p.name,
+            p.hf_id,
+            f"{p.shape.params / 1e9:.2f}B",
+            p.shape.architecture,
+            ",".join(p.target_modules),
+            str(p.context_length),
+        )
+    out.print(table)
+
+
+@app.command()
+def skus() -> None:
+    """List the GPU instance types kaitune can plan for."""
+    table = Table("instance type", "cloud", "GPUs", "memory/GPU", "compute", "bf16")
+    for s in skus_by_size():
+        table.add_row(
+            s.name,
+            s.cloud,
+            f"{s.count} x {s.gpu}",
+            f"{s.memory_gib:g} GiB",
+            str(s.compute_capability),
+            "yes" if s.supports_bf16 else "no",
+        )
+    out.print(table)
+
+
+# -- kaitune run -------------------------------------------------------------------------------------------------
+
+_KEY_OUTPUTS = {
+    "provision": ["devices"],
+    "fetch-data": ["train-rows", "eval-rows", "bad-rows"],
+    "train": ["eval-loss-before", "eval-loss", "tokens-per-second"],
+    "push": ["digest"],
+    "deploy": ["endpoint", "chat-reply"],
+}
+_STYLE = {"Succeeded": "green", "Failed": "red", "Running": "yellow", "Omitted": "dim", "Pending": "dim"}
+
+
+def _steps_table(tasks: list[Any], title: str, final: bool) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("step", "status", "duration", "tries" if not final else "key outputs"):
+        table.add_column(column)
+    if not final:
+        table.add_column("progress")
+    for t in tasks:
+        status = f"[{_STYLE.get(t.status, '')}]{t.status}[/]"
+        duration = f"{t.duration:.1f}s" if t.duration is not None else "-"
+        if final:
+            keys = ", ".join(f"{k}={t.outputs[k].strip()[:60]}" for k in _KEY_OUTPUTS.get(t.name, []) if k in t.outputs)
+            table.add_row(t.name, status, duration, keys)
+        else:
+            table.add_row(t.name, status, duration, str(t.attempts or ""), t.progress)
+    return table
+
+
+def _parse_params(values: list[str]) -> dict[str, str]:
+    params = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadInput(Problem(f"-p {item}", "is not KEY=VALUE", "write -p name=value"))
+        params[key] = value
+    return params
+
+
+def _stop_server(pid_text: str) -> None:
+    try:
+        pid = int(pid_text)
+        os.killpg(pid, signal.SIGTERM)
+    except (ValueError, ProcessLookupError, PermissionError):
+        return
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+@app.command()
+def run(
+    file: SpecFile,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="where volumes, logs and outputs go (default: runs/WORKSPACE)")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("-p", "--param", help="override a workflow parameter, KEY=VALUE")
+    ] = None,
+    keep_serving: Annotated[bool, typer.Option(help="leave the inference server running at the end")] = False,
+    allow_local_urls: AllowLocal = False,
+) -> None:
+    """Run the whole pipeline on this machine: the same Workflow that `render` writes, each step a process."""
+    from pipelines.local_runner import LocalRunner, TaskRun
+
+    with user_errors():
+        spec = load_spec(file, allow_local_urls=allow_local_urls)
+        _, gpu_plan = load_and_plan(file, allow_local_urls=allow_local_urls)
+        _, local_plan = load_and_plan(file, allow_local_urls=allow_local_urls, local=True)
+        doc = render_workflow(spec, gpu_plan)
+        # Like `argo submit -p`: only parameters change for a local run, never the workflow.
+        overrides = {
+            "target": "local",
+            "compute-dtype": local_plan.compute_dtype,
+            "allow-local-urls": str(allow_local_urls).lower(),
+            **_parse_params(param or []),
+        }
+        directory = (run_dir or Path("runs") / spec.name).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "workflow.yaml").write_text(to_yaml(doc))
+        tasks: list[TaskRun] = []
+        interactive = err.is_terminal
+
+        def on_change(task: TaskRun) -> None:
+            if task not in tasks:
+                tasks.append(task)
+            # Progress updates re-announce a running task; only report real state changes.
+            announce = task.status != "Pending" and (task.status != "Running" or task.progress == "")
+            if not interactive and announce:
+                err.print(
+                    f"{time.strftime('%H:%M:%S')} {task.name}: {task.status.lower()}"
+                    + (f" in {task.duration:.1f}s" if task.status != "Running" and task.duration else ""),
+                    markup=False,
+                    highlight=False,
+                )
+
+        runner = LocalRunner(doc, directory, base_dir=spec.source_dir, overrides=overrides, on_change=on_change)
+        err.print(f"kaitune run: {spec.name} ({spec.method} {spec.preset_name}) in {directory}", markup=False)
+        if interactive:
+            with Live(_steps_table(tasks, spec.name, False), console=err, refresh_per_second=4) as live:
+                result = _run_with_view(runner.run, lambda: live.update(_steps_table(tasks, spec.name, False)))
+        else:
+            result = runner.run()
+    all_tasks = [*result.tasks, *([result.exit_task] if result.exit_task else [])]
+    err.print(_steps_table(all_tasks, f"{spec.name}: {result.status}", True))
+    deploy = next((t for t in result.tasks if t.name == "deploy"), None)
+    if result.status != "Succeeded":
+        if deploy and "server-pid" in deploy.outputs:
+            _stop_server(deploy.outputs["server-pid"])
+        failed = result.failed()[0] if result.failed() else None
+        if failed and failed.log_path and failed.log_path.exists():
+            tail = failed.log_path.read_text().splitlines()[-15:]
+            err.print(f"--- {failed.name} log ({failed.log_path}) ---", markup=False)
+            err.print("\n".join(tail), markup=False, highlight=False)
+        code = failed.exit_code if failed and failed.exit_code in (EXIT_BAD_INPUT, 75) else 1
+        raise typer.Exit(code)
+    if deploy:
+        if keep_serving:
+            out.print(
+                f"serving at {deploy.outputs['endpoint']} (pid {deploy.outputs['server-pid']}); try:", markup=False
+            )
+        else:
+            _stop_server(deploy.outputs["server-pid"])
+            out.print("the server was stopped (use --keep-serving to leave it up); with it up, try:", markup=False)
+        out.print(deploy.outputs["curl"], markup=False, highlight=False, soft_wrap=True)
+
+
+def _run_with_view(run: Callable[[], Any], refresh: Callable[[], None]) -> Any:
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        refresh()
+        thread.join(0.25)
+    refresh()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

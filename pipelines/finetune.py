@@ -1,0 +1,368 @@
+"""The pipeline, defined once with Hera: provision ∥ fetch-data → train → push → deploy, exit handler cleanup.
+
+Every spec value is a workflow parameter; each step is a container running
+``python -m steps.<name>`` with explicit flags; data moves through the ``work``
+volume and small values through output parameter files. ``kaitune render``
+writes this, ``kaitune submit`` sends it, and ``kaitune run`` executes the very
+same dict locally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from hera.workflows import DAG, Container, Parameter, RetryStrategy, Task, Workflow, WorkflowTemplate
+from hera.workflows import models as m
+
+from pipelines import __version__
+from pipelines.plan import Plan
+from pipelines.spec import Spec
+
+TEMPLATE_NAME = "kaitune-finetune"
+WORK_MOUNT = "/kaitune/work"
+INPUT_MOUNT = "/kaitune/input"
+OUTPUT_MOUNT = "/kaitune/output"
+PUSH_SECRET_MOUNT = "/kaitune/secrets/push"
+OUTPUTS_DIR = "/tmp/kaitune/outputs"
+EXIT_TRANSIENT = 75
+GPU_TOLERATIONS = [
+    m.Toleration(key="sku", operator="Equal", value="gpu", effect="NoSchedule"),  # Kaito's GPU node taint
+    m.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+]
+
+
+@dataclass(frozen=True)
+class Images:
+    step: str = f"ghcr.io/kaitune/step:{__version__}"
+    train: str = f"ghcr.io/kaitune/train:{__version__}"
+    serve: str = f"ghcr.io/kaitune/serve:{__version__}"
+
+
+def wf(name: str) -> str:
+    return f"{{{{workflow.parameters.{name}}}}}"
+
+
+def task_output(task: str, name: str) -> str:
+    return f"{{{{tasks.{task}.outputs.parameters.{name}}}}}"
+
+
+def workflow_parameters(spec: Spec, plan: Plan) -> dict[str, str]:
+    """Every spec value, as the strings Argo parameters are."""
+    preset = spec.preset
+    return {
+        "workspace": spec.name,
+        "namespace": spec.namespace,
+        "preset": preset.name,
+        "model": preset.name if preset.local_only else preset.hf_id,
+        "method": spec.method,
+        "instance-type": spec.instance_type or "",
+        "label-selector": json.dumps(spec.label_selector, sort_keys=True),
+        "training-config": json.dumps(spec.training_config, sort_keys=True),
+        "config-source": "default" if spec.config_is_default else "configmap",
+        "input-kind": spec.input.kind,
+        "input-urls": json.dumps(spec.input.urls),
+        "input-image": spec.input.image or "",
+        "output-image": spec.output.image or "",
+        "output-push-secret": spec.output.push_secret or "",
+        "adapter-tag": _adapter_tag(spec),
+        "compute-dtype": plan.compute_dtype,
+        "target-modules": ",".join(plan.target_modules),
+        "max-seq-length": str(plan.knobs.max_seq_length),
+        "gradient-checkpointing": str(plan.knobs.gradient_checkpointing).lower(),
+        "allow-local-urls": "false",
+        "target": "kubernetes",
+    }
+
+
+def _adapter_tag(spec: Spec) -> str:
+    if spec.output.image and ":" in spec.output.image.rsplit("/", 1)[-1]:
+        return spec.output.image.rsplit(":", 1)[1]
+    return "latest"
+
+
+def _retry() -> RetryStrategy:
+    # Only the step contract's "transient" exit code is retried; bad input (2) and bugs are not.
+    return RetryStrategy(
+        limit=3,
+        retry_policy="Always",
+        expression=f"asInt(lastRetry.exitCode) == {EXIT_TRANSIENT}",
+        backoff=m.Backoff(duration="30s", factor=m.IntOrString(2), max_duration="20m"),
+    )
+
+
+def _outputs(*names: str) -> list[Parameter]:
+    return [Parameter(name=n, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{n}")) for n in names]
+
+
+def _mount(name: str, path: str) -> m.VolumeMount:
+    return m.VolumeMount(name=name, mount_path=path)
+
+
+def _step(name: str, image: str, module: str, args: list[str], **kwargs: Any) -> Container:
+    return Container(
+        name=name,
+        image=image,
+        command=["python", "-m", f"steps.{module}"],
+        args=args,
+        retry_strategy=_retry(),
+        **kwargs,
+    )
+
+
+def work_volume_gib(plan: Plan) -> int:
+    """Base weights (fp16 download), the adapter and checkpoints, data, with headroom."""
+    params_gb = plan.estimate.weights_gib if plan.method == "lora" else 0.0
+    weights_gib = max(params_gb, 2 * _preset_params(plan) / 1024**3)
+    return max(20, math.ceil(weights_gib * 1.5 + 10))
+
+
+def _preset_params(plan: Plan) -> float:
+    from pipelines.presets import PRESETS
+
+    return PRESETS[plan.preset].shape.params
+
+
+def _description(spec: Spec, plan: Plan) -> str:
+    source = {"urls": ", ".join(spec.input.urls), "image": spec.input.image or "", "volume": "a volume"}[
+        spec.input.kind
+    ]
+    dest = spec.output.image if spec.output.kind == "image" else "an OCI layout on a volume"
+    return (
+        f"**{plan.preset}** ({plan.model_id}) tuned with **{spec.method}** on "
+        f"`{plan.target}` ({plan.gpus_needed} GPU, {plan.compute_dtype}).\n\n"
+        f"Data: {source}\n\nAdapter image: `{dest}`"
+    )
+
+
+def build(
+    spec: Spec, plan: Plan, *, kind: Literal["Workflow", "WorkflowTemplate"] = "Workflow", images: Images | None = None
+) -> Workflow:
+    images = images or Images()
+    params = workflow_parameters(spec, plan)
+    labels = {
+        "app.kubernetes.io/name": "kaitune",
+        "app.kubernetes.io/component": "finetune",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/version": __version__,
+        "kaitune.io/workspace": spec.name,
+    }
+    annotations = {
+        "workflows.argoproj.io/title": f"kaitune: fine-tune {plan.preset} ({spec.method}) for {spec.name}",
+        "workflows.argoproj.io/description": _description(spec, plan),
+    }
+    volumes: list[m.Volume] = []
+    if spec.input.kind == "volume":
+        volumes.append(m.Volume(name="input", **_volume_source(spec.input.volume)))
+    if spec.output.kind == "volume":
+        volumes.append(m.Volume(name="output", **_volume_source(spec.output.volume)))
+    else:
+        volumes.append(
+            m.Volume(
+                name="push-secret",
+                secret=m.SecretVolumeSource(
+                    secret_name=wf("output-push-secret"),
+                    items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")],
+                ),
+            )
+        )
+    cls = WorkflowTemplate if kind == "WorkflowTemplate" else Workflow
+    is_template = kind == "WorkflowTemplate"
+    work_claim = m.PersistentVolumeClaim(
+        metadata=m.ObjectMeta(name="work"),
+        spec=m.PersistentVolumeClaimSpec(
+            access_modes=["ReadWriteOnce"],
+            resources=m.VolumeResourceRequirements(requests={"storage": m.Quantity(f"{work_volume_gib(plan)}Gi")}),
+        ),
+    )
+    with cls(
+        name=TEMPLATE_NAME if is_template else None,
+        generate_name=None if is_template else f"{spec.name}-",
+        namespace=spec.namespace,
+        entrypoint="main",
+        on_exit="cleanup",
+        labels=labels,
+        annotations=annotations,
+        arguments=[Parameter(name=k, value=v) for k, v in params.items()],
+        volumes=volumes,
+        volume_claim_templates=[work_claim],
+        pod_metadata=m.Metadata(labels={"kaitune.io/workspace": spec.name}),
+        service_account_name="kaitune",
+    ) as workflow:
+        work = _mount("work", WORK_MOUNT)
+        provision = _step(
+            "provision",
+            images.step,
+            "provision",
+            [
+                "--target",
+                wf("target"),
+                "--workspace",
+                wf("workspace"),
+                "--preset",
+                wf("preset"),
+                "--method",
+                wf("method"),
+                "--instance-type",
+                wf("instance-type"),
+                "--training-config",
+                wf("training-config"),
+                "--config-source",
+                wf("config-source"),
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            outputs=_outputs("nodes", "devices", "pod-spec-patch"),
+        )
+        fetch_mounts = [work] + ([_mount("input", INPUT_MOUNT)] if spec.input.kind == "volume" else [])
+        fetch = _step(
+            "fetch-data",
+            images.step,
+            "fetch_data",
+            [
+                "--input-kind",
+                wf("input-kind"),
+                "--input-urls",
+                wf("input-urls"),
+                "--input-image",
+                wf("input-image"),
+                "--input-path",
+                INPUT_MOUNT,
+                "--training-config",
+                wf("training-config"),
+                "--allow-local-urls",
+                wf("allow-local-urls"),
+                "--work",
+                WORK_MOUNT,
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            volume_mounts=fetch_mounts,
+            outputs=_outputs("rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest"),
+        )
+        train = _step(
+            "train",
+            images.train,
+            "train",
+            [
+                "--model",
+                wf("model"),
+                "--method",
+                wf("method"),
+                "--training-config",
+                wf("training-config"),
+                "--target-modules",
+                wf("target-modules"),
+                "--compute-dtype",
+                wf("compute-dtype"),
+                "--max-seq-length",
+                wf("max-seq-length"),
+                "--gradient-checkpointing",
+                wf("gradient-checkpointing"),
+                "--work",
+                WORK_MOUNT,
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            inputs=[Parameter(name="pod-spec-patch")],
+            pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",
+            volume_mounts=[work],
+            tolerations=GPU_TOLERATIONS,
+            resources=m.ResourceRequirements(limits={"nvidia.com/gpu": m.Quantity(str(max(plan.gpus_requested, 1)))}),
+            outputs=_outputs(
+                "train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second", "adapter-dir"
+            ),
+        )
+        push_args = [
+            "--adapter-dir",
+            f"{WORK_MOUNT}/adapter",
+            "--model-name",
+            wf("preset"),
+            "--tag",
+            wf("adapter-tag"),
+            "--outputs",
+            OUTPUTS_DIR,
+        ]
+        if spec.output.kind == "volume":
+            push_args += ["--layout", OUTPUT_MOUNT]
+            push_mounts = [work, _mount("output", OUTPUT_MOUNT)]
+            push_env = []
+        else:
+            push_args += ["--image", wf("output-image")]
+            push_mounts = [work, m.VolumeMount(name="push-secret", mount_path=PUSH_SECRET_MOUNT, read_only=True)]
+            push_env = [m.EnvVar(name="DOCKER_CONFIG", value=PUSH_SECRET_MOUNT)]
+        push = _step(
+            "push",
+            images.step,
+            "push",
+            push_args,
+            volume_mounts=push_mounts,
+            env=push_env,
+            outputs=_outputs("digest", "image-ref", "tag"),
+        )
+        deploy = _step(
+            "deploy",
+            images.step,
+            "deploy",
+            [
+                "--target",
+                wf("target"),
+                "--workspace",
+                wf("workspace"),
+                "--base-model",
+                wf("model"),
+                "--image-ref",
+                "{{inputs.parameters.image-ref}}",
+                "--work",
+                WORK_MOUNT,
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            inputs=[Parameter(name="image-ref")],
+            volume_mounts=[work],
+            outputs=_outputs("endpoint", "server-pid", "chat-reply", "curl"),
+        )
+        _step(
+            "cleanup",
+            images.step,
+            "cleanup",
+            ["--target", wf("target"), "--workspace", wf("workspace"), "--workflow-status", "{{workflow.status}}"],
+        )
+
+        with DAG(name="main"):
+            Task(name="provision", template=provision)
+            Task(name="fetch-data", template=fetch)
+            # provision and fetch-data run in parallel: data downloads while the GPU node boots.
+            Task(
+                name="train",
+                template=train,
+                depends="provision && fetch-data",
+                arguments={"pod-spec-patch": task_output("provision", "pod-spec-patch")},
+            )
+            Task(name="push", template=push, depends="train")
+            Task(
+                name="deploy",
+                template=deploy,
+                depends="push",
+                arguments={"image-ref": task_output("push", "image-ref")},
+            )
+    return workflow
+
+
+def _volume_source(source: dict[str, Any] | None) -> dict[str, Any]:
+    """A Kubernetes VolumeSource (camelCase, as in the Workspace) as Hera's Volume fields."""
+    assert source, "validated specs always carry a volume source"
+    out = {}
+    for key, value in source.items():
+        field = "".join("_" + c.lower() if c.isupper() else c for c in key)
+        out[field] = value
+    return out
+
+
+def render(
+    spec: Spec, plan: Plan, *, kind: Literal["Workflow", "WorkflowTemplate"] = "Workflow", images: Images | None = None
+) -> dict[str, Any]:
+    doc: dict[str, Any] = build(spec, plan, kind=kind, images=images).to_dict()
+    return doc

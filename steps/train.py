@@ -1,0 +1,208 @@
+"""train: a LoRA or QLoRA adapter on the base model, written to the work volume.
+
+Outputs: train-loss, eval-loss, eval-loss-before, tokens, tokens-per-second, adapter-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import BadInput, Problem
+from steps.chat_tokens import Encoded, encode
+from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
+from steps.lora_training import LoopConfig, LoopResult, train_loop
+
+log = logging.getLogger("kaitune")
+# trl-style keys users put in TrainingArguments; the plan reads them, TrainingArguments does not know them.
+_NOT_TRAINING_ARGUMENTS = {"max_length", "max_seq_length", "gradient_checkpointing", "output_dir", "packing"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m steps.train", description=__doc__)
+    p.add_argument("--model", required=True, help="preset name, Hugging Face id, or a local directory")
+    p.add_argument("--method", choices=["lora", "qlora"], required=True)
+    p.add_argument("--training-config", default="{}", help="Kaito training_config sections as JSON")
+    p.add_argument("--target-modules", required=True, help="comma-separated LoRA target modules")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], required=True)
+    p.add_argument("--max-seq-length", type=int, required=True)
+    p.add_argument("--gradient-checkpointing", default="false")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--outputs", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def loop_config(sections: dict[str, Any], compute_dtype: str, work: Path) -> LoopConfig:
+    from transformers import TrainingArguments
+
+    raw = {k: v for k, v in sections.get("TrainingArguments", {}).items() if k not in _NOT_TRAINING_ARGUMENTS}
+    known = {f.name for f in fields(TrainingArguments)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BadInput(
+            Problem(
+                f"training_config.TrainingArguments.{unknown[0]}",
+                "is not a TrainingArguments field",
+                "see transformers.TrainingArguments for the accepted arguments",
+            )
+        )
+    try:
+        args = TrainingArguments(output_dir=str(work / "checkpoints"), report_to="none", **raw)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(
+            Problem("training_config.TrainingArguments", str(exc), "use transformers.TrainingArguments' arguments")
+        ) from None
+    return LoopConfig(
+        epochs=float(args.num_train_epochs),
+        learning_rate=float(args.learning_rate),
+        batch_size=int(args.per_device_train_batch_size),
+        grad_accum=int(args.gradient_accumulation_steps),
+        weight_decay=float(args.weight_decay),
+        warmup_ratio=float(getattr(args, "warmup_ratio", 0.0) or 0.0),
+        max_grad_norm=float(args.max_grad_norm),
+        max_steps=int(args.max_steps),
+        seed=int(args.seed),
+        logging_steps=max(1, int(args.logging_steps) if args.logging_steps >= 1 else 10),
+        compute_dtype=compute_dtype,
+    )
+
+
+def _encode_split(tokenizer: Any, path: Path, max_len: int) -> tuple[list[Encoded], int]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    encoded = [encode(tokenizer, row["messages"], max_len) for row in rows]
+    kept = [e for e in encoded if e.trainable_tokens > 0]
+    return kept, len(encoded) - len(kept)
+
+
+def config_hash(args: argparse.Namespace, dataset_digest: str) -> str:
+    key = json.dumps(
+        {
+            "model": args.model,
+            "method": args.method,
+            "config": json.loads(args.training_config),
+            "targets": args.target_modules,
+            "dtype": args.compute_dtype,
+            "max_len": args.max_seq_length,
+            "dataset": dataset_digest,
+        },
+        sort_keys=True,
+    )
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "kaitune"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _outputs(summary: dict[str, Any], adapter: Path) -> dict[str, str]:
+    m = summary["metrics"]
+    return {
+        "train-loss": f"{m['train_loss']:.6f}",
+        "eval-loss": f"{m['eval_loss']:.6f}",
+        "eval-loss-before": f"{m['eval_loss_before']:.6f}",
+        "tokens": str(m["tokens"]),
+        "tokens-per-second": f"{m['tokens_per_second']:.1f}",
+        "adapter-dir": str(adapter),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sections = json.loads(args.training_config)
+    data_dir, adapter_dir = args.work / "data", args.work / "adapter"
+    stats_path = data_dir / "stats.json"
+    if not stats_path.exists():
+        raise BadInput(Problem(str(data_dir), "has no prepared dataset", "run fetch-data first"))
+    stats = json.loads(stats_path.read_text())
+    key = config_hash(args, stats["digest"])
+    summary_path = adapter_dir / "training_summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("config_hash") == key:
+        log.info("adapter for these inputs is already trained (%s); reusing it", key[:19])
+        write_outputs(args.outputs, _outputs(json.loads(summary_path.read_text()), adapter_dir))
+        return
+
+    from steps.model_loading import add_lora, load_model, load_tokenizer, resolve_base
+
+    source, base_name = resolve_base(args.model)
+    local_only = bool(sections.get("ModelConfig", {}).get("local_files_only", False)) or isinstance(source, Path)
+    cfg = loop_config(sections, args.compute_dtype, args.work)
+    tokenizer = load_tokenizer(source, local_only)
+    train, dropped = _encode_split(tokenizer, data_dir / "train.parquet", args.max_seq_length)
+    evaluation, _ = _encode_split(tokenizer, data_dir / "eval.parquet", args.max_seq_length)
+    if not train:
+        raise BadInput(
+            Problem(
+                "dataset",
+                f"no training row has an assistant token within max length "
+                f"{args.max_seq_length} ({dropped} rows dropped)",
+                "raise TrainingArguments.max_length or shorten the conversations",
+            )
+        )
+    model = load_model(
+        source, method=args.method, sections=sections, compute_dtype=args.compute_dtype, local_only=local_only
+    )
+    model = add_lora(
+        model,
+        method=args.method,
+        sections=sections,
+        target_modules=[t for t in args.target_modules.split(",") if t],
+        gradient_checkpointing=args.gradient_checkpointing.lower() == "true",
+    )
+    progress = Progress(1)
+
+    def on_step(step: int, total: int, _record: dict[str, float]) -> None:
+        progress.total = total
+        progress.update(step)
+
+    result: LoopResult = train_loop(model, train, evaluation, tokenizer.pad_token_id, cfg, on_step)
+    summary = {
+        "base_model": base_name,
+        "method": args.method,
+        "config_hash": key,
+        "dataset_digest": stats["digest"],
+        "target_modules": args.target_modules.split(","),
+        "compute_dtype": args.compute_dtype,
+        "metrics": {
+            "train_loss": result.train_loss,
+            "eval_loss": result.eval_loss,
+            "eval_loss_before": result.eval_loss_before,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "tokens_per_second": result.tokens_per_second,
+            "seconds": result.seconds,
+            "train_rows": len(train),
+            "eval_rows": len(evaluation),
+            "rows_dropped_too_long": dropped,
+        },
+        "history": result.history,
+        "versions": _versions(),
+    }
+    with atomic_dir(adapter_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = base_name
+        write_json_atomic(config_path, adapter_config)
+        write_json_atomic(tmp / "training_summary.json", summary)
+        write_json_atomic(tmp / "metrics.json", summary["metrics"])
+    write_outputs(args.outputs, _outputs(summary, adapter_dir))
+
+
+if __name__ == "__main__":
+    run_step("train", main)
