@@ -73,8 +73,8 @@ def estimate(
     other_params = max(shape.params - linear_params, 0)
     if method == "qlora":
         weights = linear_params * NF4_DOUBLE_QUANT_BYTES + other_params * dtype_bytes
-        # one layer's linears are dequantized to the compute dtype while it runs
-        weights += sum(i * o for i, o in shape.linear_shapes().values()) * dtype_bytes
+        # bitsandbytes dequantizes one linear at a time to the compute dtype while it runs
+        weights += max(i * o for i, o in shape.linear_shapes().values()) * dtype_bytes
     else:
         weights = shape.params * dtype_bytes
 

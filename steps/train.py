@@ -72,6 +72,12 @@ def loop_config(sections: dict[str, Any], compute_dtype: str, work: Path) -> Loo
     )
 
 
+def torch_seed(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
 def _encode_split(tokenizer: Any, path: Path, max_len: int) -> tuple[list[Encoded], int]:
     import pyarrow.parquet as pq
 
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                 "raise TrainingArguments.max_length or shorten the conversations",
             )
         )
+    # Seed before the adapter exists: LoRA's A matrices are randomly initialised.
+    torch_seed(cfg.seed)
     model = load_model(
         source, method=args.method, sections=sections, compute_dtype=args.compute_dtype, local_only=local_only
     )

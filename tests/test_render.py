@@ -1,0 +1,128 @@
+"""The rendered Workflow: schema-valid, round-trips through Hera, golden GitOps file, no secret content."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from conftest import EXAMPLES, QUICKSTART, SEED, strict
+from hera.workflows import Workflow, WorkflowTemplate
+
+from pipelines.cli import to_yaml
+from pipelines.finetune import render
+from pipelines.plan import load_and_plan
+
+GOLDEN = EXAMPLES / "gitops" / "workflowtemplate.yaml"
+
+
+def rendered(path: Path, kind: str = "Workflow") -> dict[str, Any]:
+    spec, plan = load_and_plan(path)
+    return render(spec, plan, kind=kind)  # type: ignore[arg-type]
+
+
+def validate(doc: dict[str, Any], schema: dict[str, Any]) -> None:
+    definition = f"io.argoproj.workflow.v1alpha1.{doc['kind']}"
+    jsonschema.validate(doc, {"$ref": f"#/definitions/{definition}", "definitions": schema["definitions"]})
+
+
+@pytest.mark.parametrize("kind", ["Workflow", "WorkflowTemplate"])
+@pytest.mark.parametrize("example", [SEED, QUICKSTART], ids=["seed", "quickstart"])
+def test_render_is_schema_valid(argo_schema: dict[str, Any], example: Path, kind: str) -> None:
+    doc = rendered(example, kind)
+    validate(doc, argo_schema)
+    validate(doc, strict(argo_schema))  # no key the schema does not know
+
+
+def test_schema_check_can_fail(argo_schema: dict[str, Any]) -> None:
+    doc = rendered(SEED)
+    doc["spec"]["templates"][0]["container"]["imagePullPolicy"] = 7
+    with pytest.raises(jsonschema.ValidationError):
+        validate(doc, argo_schema)
+    doc = rendered(SEED)
+    doc["spec"]["templates"][0]["retryStrategy"]["retryPolicy2"] = "Always"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(doc, strict(argo_schema))
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("Workflow", Workflow), ("WorkflowTemplate", WorkflowTemplate)])
+def test_render_round_trips_through_hera(kind: str, cls: type[Workflow]) -> None:
+    doc = rendered(SEED, kind)
+    assert cls.from_dict(doc).to_dict() == doc
+    assert cls.from_yaml(to_yaml(doc)).to_dict() == doc
+
+
+def test_dag_shape_and_contract() -> None:
+    doc = rendered(SEED)
+    spec = doc["spec"]
+    tasks = {t["name"]: t for t in next(t for t in spec["templates"] if t["name"] == "main")["dag"]["tasks"]}
+    assert set(tasks) == {"provision", "fetch-data", "train", "push", "deploy"}
+    assert "depends" not in tasks["provision"] and "depends" not in tasks["fetch-data"]  # run in parallel
+    assert tasks["train"]["depends"] == "provision && fetch-data"
+    assert tasks["push"]["depends"] == "train" and tasks["deploy"]["depends"] == "push"
+    assert spec["onExit"] == "cleanup"
+    templates = {t["name"]: t for t in spec["templates"]}
+    for name in ("provision", "fetch-data", "train", "push", "deploy", "cleanup"):
+        container = templates[name]["container"]
+        module = name.replace("-", "_")
+        assert container["command"] == ["python", "-m", f"steps.{module}"]
+        # Only the transient exit code is retried.
+        assert templates[name]["retryStrategy"]["expression"] == "asInt(lastRetry.exitCode) == 75"
+    train = templates["train"]
+    assert train["container"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in train["tolerations"]
+    assert train["podSpecPatch"] == "{{inputs.parameters.pod-spec-patch}}"
+    params = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
+    assert params["compute-dtype"] == "float16"
+    assert params["target-modules"] == "qkv_proj,o_proj,gate_up_proj,down_proj"
+    assert params["output-image"] == "ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1"
+    assert doc["metadata"]["annotations"]["workflows.argoproj.io/title"].startswith("kaitune: fine-tune")
+    assert doc["metadata"]["labels"]["kaitune.io/workspace"] == "workspace-tuning-phi-3"
+    # Every workflow parameter reference resolves to a declared parameter.
+    text = yaml.safe_dump(doc)
+    for name in {part.split("}}")[0] for part in text.split("{{workflow.parameters.")[1:]}:
+        assert name in params, name
+
+
+def test_push_secret_is_a_reference_only() -> None:
+    doc = rendered(SEED)
+    volumes = {v["name"]: v for v in doc["spec"]["volumes"]}
+    secret = volumes["push-secret"]["secret"]
+    assert secret["secretName"] == "{{workflow.parameters.output-push-secret}}"
+    push = next(t for t in doc["spec"]["templates"] if t["name"] == "push")
+    assert {"name": "DOCKER_CONFIG", "value": "/kaitune/secrets/push"} in push["container"]["env"]
+    text = yaml.safe_dump(doc)
+    for secret_word in ("auths", "password", '.dockerconfigjson": ', "stringData"):
+        assert secret_word not in text
+    # The secret's name is a value, never a flag carrying credentials.
+    assert "ACR_REGISTRY_SECRET_HERE" not in " ".join(push["container"]["args"])
+
+
+def test_gitops_template_is_in_sync(regen_golden: bool) -> None:
+    text = to_yaml(rendered(SEED, "WorkflowTemplate"))
+    if regen_golden:
+        GOLDEN.write_text(text)
+    assert GOLDEN.read_text() == text, "examples/gitops is stale: rerun pytest with --regen-golden"
+
+
+def test_cli_render_writes_file(tmp_path: Path) -> None:
+    out = tmp_path / "wf.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "render", str(SEED), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(out.read_text()) == rendered(SEED)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "render", str(SEED), "--template"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert yaml.safe_load(result.stdout)["kind"] == "WorkflowTemplate"

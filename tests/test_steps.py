@@ -1,0 +1,249 @@
+"""Steps run as their CLI runs them (``python -m steps.X``): data, tokens, image, exit codes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from steps import oci_layout
+from steps.chat_tokens import IGNORE_INDEX, encode
+from steps.fetch_data import split
+
+
+def step(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", f"steps.{module}", *args], capture_output=True, text=True, timeout=300)
+
+
+def chat(question: str, answer: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fetch(tmp_path: Path, data: Path, config: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    return step(
+        "fetch_data",
+        "--input-kind",
+        "volume",
+        "--input-path",
+        str(data),
+        "--work",
+        str(tmp_path / "work"),
+        "--outputs",
+        str(tmp_path / "out"),
+        "--training-config",
+        json.dumps(config or {}),
+    )
+
+
+def test_fetch_data_normalizes_schemas_and_reports_bad_rows(tmp_path: Path) -> None:
+    rows = [chat(f"q{i}", f"a{i}") for i in range(40)]
+    rows.append({"messages": [{"role": "user", "content": "no answer"}]})
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = fetch(tmp_path, data, {"DatasetConfig": {"train_test_split": 0.75}})
+    assert result.returncode == 0, result.stderr
+    outputs = {p.name: p.read_text() for p in (tmp_path / "out").iterdir()}
+    assert outputs["rows"] == "41" and outputs["bad-rows"] == "1"
+    assert outputs["train-rows"] == "30" and outputs["eval-rows"] == "10"
+    stats = json.loads((tmp_path / "work" / "data" / "stats.json").read_text())
+    assert stats["skipped"] == [{"index": 40, "reason": "has no assistant turn to learn from"}]
+    train = pq.read_table(tmp_path / "work" / "data" / "train.parquet").to_pylist()
+    assert train[0]["messages"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    ("record", "schema"),
+    [
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "conversations"),
+        ({"instruction": "q", "input": "ctx", "output": "a"}, "alpaca"),
+        ({"prompt": "q", "completion": "a"}, "prompt_completion"),
+    ],
+)
+def test_fetch_data_detects_other_schemas(tmp_path: Path, record: dict[str, Any], schema: str) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [record] * 10)
+    assert fetch(tmp_path, data).returncode == 0
+    stats = json.loads((tmp_path / "work" / "data" / "stats.json").read_text())
+    assert stats["schema"] == schema and stats["bad_rows"] == 0
+
+
+def test_fetch_data_fails_above_bad_row_threshold_with_exit_2(tmp_path: Path) -> None:
+    rows = [chat("q", "a")] * 10 + [{"messages": [{"role": "robot", "content": "x"}]}]
+    result = fetch(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+    assert result.returncode == 2
+    assert "1 of 11 rows are bad (first: row 10 message 0 has unknown role 'robot')" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work" / "data").exists()  # nothing half-written
+
+
+def test_fetch_data_bad_json_line_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(chat("q", "a")) + "\n{not json\n")
+    result = fetch(tmp_path, path)
+    assert result.returncode == 2 and "d.jsonl:2" in result.stderr
+
+
+def test_split_honours_seed_and_always_keeps_an_eval_set() -> None:
+    rows = [[{"role": "user", "content": str(i)}] for i in range(50)]
+    a = split(rows, {"shuffle_seed": 1, "train_test_split": 0.8})
+    b = split(rows, {"shuffle_seed": 1, "train_test_split": 0.8})
+    c = split(rows, {"shuffle_seed": 2, "train_test_split": 0.8})
+    assert a == b and a != c
+    train, evaluation = split(rows, {"train_test_split": 1})  # Kaito's default: no eval at all
+    assert len(evaluation) == 5 and len(train) == 45
+
+
+def test_assistant_only_labels_and_eos(tiny_phi3: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_phi3)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima."},
+        {"role": "user", "content": "And Chile?"},
+        {"role": "assistant", "content": "Santiago."},
+    ]
+    enc = encode(tok, messages, 256)
+    learned = tok.decode([t for t in enc.labels if t != IGNORE_INDEX])
+    assert "Lima." in learned and "Santiago." in learned
+    assert "Capital of Peru" not in learned and "Be brief" not in learned and "<|assistant|>" not in learned
+    assert enc.labels[-1] == tok.eos_token_id  # the model learns to stop
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+def _adapter_dir(tmp_path: Path) -> Path:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "kaitune/tiny-phi3"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    (adapter / "tokenizer.json").write_text("{}")
+    (adapter / "training_summary.json").write_text(
+        json.dumps(
+            {
+                "base_model": "kaitune/tiny-phi3",
+                "method": "lora",
+                "dataset_digest": "sha256:" + "1" * 64,
+                "config_hash": "sha256:" + "2" * 64,
+                "metrics": {"eval_loss": 1.5},
+            }
+        )
+    )
+    return adapter
+
+
+def test_push_writes_kaito_layout_reproducibly(tmp_path: Path) -> None:
+    adapter = _adapter_dir(tmp_path)
+    digests = []
+    for name in ("a", "b"):
+        result = step(
+            "push",
+            "--adapter-dir",
+            str(adapter),
+            "--model-name",
+            "tiny-phi3",
+            "--layout",
+            str(tmp_path / name),
+            "--tag",
+            "0.0.1",
+            "--outputs",
+            str(tmp_path / f"out-{name}"),
+        )
+        assert result.returncode == 0, result.stderr
+        digests.append((tmp_path / f"out-{name}" / "digest").read_text())
+        (adapter / "adapter_model.safetensors").touch()  # a new mtime must not change the digest
+    assert digests[0] == digests[1]
+    layout = tmp_path / "a"
+    manifest = json.loads(oci_layout.read_blob(layout, oci_layout.resolve(layout, "0.0.1")))
+    assert manifest["annotations"]["sh.kaito.model.name"] == "tiny-phi3"
+    assert manifest["annotations"]["kaitune.eval-loss"] == "1.500000"
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    [layer] = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    tar_bytes = gzip.decompress(oci_layout.read_blob(layout, layer["digest"]))
+    config = json.loads(oci_layout.read_blob(layout, manifest["config"]["digest"]))
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(tar_bytes).hexdigest()]
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        names = tar.getnames()
+    assert names == ["data", "data/adapter_config.json", "data/adapter_model.safetensors", "data/tokenizer.json"]
+    assert (tmp_path / "out-a" / "image-ref").read_text() == f"oci-layout://{layout}@{digests[0]}"
+
+
+def test_pull_detects_a_corrupted_blob(tmp_path: Path) -> None:
+    adapter = _adapter_dir(tmp_path)
+    assert (
+        step(
+            "push",
+            "--adapter-dir",
+            str(adapter),
+            "--model-name",
+            "m",
+            "--layout",
+            str(tmp_path / "img"),
+            "--outputs",
+            str(tmp_path / "out"),
+        ).returncode
+        == 0
+    )
+    digest = (tmp_path / "out" / "digest").read_text()
+    oci_layout.extract(tmp_path / "img", digest, tmp_path / "pulled")
+    assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == b"\0" * 1000
+    manifest = json.loads(oci_layout.read_blob(tmp_path / "img", digest))
+    blob = tmp_path / "img" / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]
+    blob.write_bytes(blob.read_bytes()[:-1] + b"x")
+    from pipelines.errors import BadInput
+
+    with pytest.raises(BadInput, match="is corrupt"):
+        oci_layout.extract(tmp_path / "img", digest, tmp_path / "again")
+
+
+def test_push_to_a_registry_is_refused_clearly(tmp_path: Path) -> None:
+    result = step(
+        "push",
+        "--adapter-dir",
+        str(_adapter_dir(tmp_path)),
+        "--model-name",
+        "m",
+        "--image",
+        "myacr.azurecr.io/adapters/phi:1",
+        "--outputs",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2 and "not available in this kaitune version" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_without_adapter_is_bad_input(tmp_path: Path) -> None:
+    result = step(
+        "push",
+        "--adapter-dir",
+        str(tmp_path),
+        "--model-name",
+        "m",
+        "--layout",
+        str(tmp_path / "img"),
+        "--outputs",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2 and "run the train step first" in result.stderr
+
+
+def test_kubernetes_targets_are_refused_not_faked(tmp_path: Path) -> None:
+    for module, args in [
+        ("provision", ["--workspace", "w", "--preset", "tiny-phi3", "--method", "lora", "--outputs", str(tmp_path)]),
+        ("cleanup", ["--workspace", "w"]),
+    ]:
+        result = step(module, "--target", "kubernetes", *args)
+        assert result.returncode == 2 and "not available in this kaitune version" in result.stderr
