@@ -45,7 +45,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except BadInput as exc:
-        err.print(exc.render(), markup=False, highlight=False)
+        err.print(exc.render(), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 

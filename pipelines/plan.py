@@ -6,16 +6,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines.errors import BadInput, Problem
 from pipelines.gpus import GpuSku, find_sku, skus_by_size
 from pipelines.memory import DTYPE_BYTES, MemoryEstimate, estimate, gpus_needed
 from pipelines.presets import find_preset
-from pipelines.spec import Spec, load_documents, parse_documents
-from pipelines.training_config import KAITUNE_FIXES, Sections, TrainingKnobs, knobs
+from pipelines.spec import PlanRequest, Spec, load_documents, parse_documents
+from pipelines.training_config import KAITUNE_FIXES, TrainingKnobs, knobs
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -51,31 +50,6 @@ def _local_memory_gib() -> float:
         return 0.0
 
 
-@dataclass(frozen=True)
-class PlanRequest:
-    """What the plan depends on: a Spec's subset, also rebuilt by the provision step from its flags."""
-
-    workspace: str
-    preset: str
-    method: str
-    instance_type: str | None
-    training_config: Sections
-    config_is_default: bool
-    warnings: tuple[str, ...] = ()
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> PlanRequest:
-        return cls(
-            spec.name,
-            spec.preset_name,
-            spec.method,
-            spec.instance_type,
-            spec.training_config,
-            spec.config_is_default,
-            tuple(spec.warnings),
-        )
-
-
 def _compute_dtype(req: PlanRequest, sku: GpuSku | None, local: bool) -> tuple[str, Problem | None]:
     if local:
         return "float32", None
@@ -100,14 +74,6 @@ def _compute_dtype(req: PlanRequest, sku: GpuSku | None, local: bool) -> tuple[s
     return dtype, None
 
 
-def _suggest(build: Callable[[GpuSku], tuple[MemoryEstimate, str]], cloud: str) -> str | None:
-    """The smallest catalog SKU of the same cloud on which the plan fits."""
-    for sku in skus_by_size():
-        if sku.cloud == cloud and 0 < gpus_needed(build(sku)[0], sku.memory_gib) <= sku.count:
-            return sku.name
-    return None
-
-
 def make_plan(req: PlanRequest, *, local: bool = False) -> tuple[Plan, list[Problem]]:
     preset = find_preset(req.preset)
     if preset is None:
@@ -117,114 +83,98 @@ def make_plan(req: PlanRequest, *, local: bool = False) -> tuple[Plan, list[Prob
     kn = knobs(req.training_config, req.method, preset.context_length)
     targets = kn.target_modules or preset.target_modules
     sku = None if local or not req.instance_type else find_sku(req.instance_type)
-    problems: list[Problem] = []
+    dtype, dtype_problem = _compute_dtype(req, sku, local)
+    problems = [dtype_problem] if dtype_problem else []
+    notes = [*req.warnings, *(f"kaitune fix: {f}" for f in KAITUNE_FIXES)]
 
-    def build(candidate: GpuSku | None) -> tuple[MemoryEstimate, str]:
-        dtype, problem = _compute_dtype(req, candidate, local)
-        if problem and candidate is sku:
-            problems.append(problem)
-        est = estimate(
+    def build(candidate: GpuSku | None, knobs_: TrainingKnobs) -> MemoryEstimate:
+        return estimate(
             preset.shape,
             method=req.method,
-            seq_len=kn.max_seq_length,
-            batch_size=kn.batch_size,
-            lora_rank=kn.lora_rank,
+            seq_len=knobs_.max_seq_length,
+            batch_size=knobs_.batch_size,
+            lora_rank=knobs_.lora_rank,
             target_modules=targets,
-            compute_dtype=dtype,
-            gradient_checkpointing=kn.gradient_checkpointing,
+            compute_dtype=_compute_dtype(req, candidate, local)[0],
+            gradient_checkpointing=knobs_.gradient_checkpointing,
             on_gpu=not local,
         )
-        return est, dtype
 
-    est, dtype = build(sku)
-    notes = [*req.warnings, *(f"kaitune fix: {f}" for f in KAITUNE_FIXES)]
+    def plan(
+        target: str, needed: int, est: MemoryEstimate, fits: bool, capacity: float | None, suggestion: str | None = None
+    ) -> Plan:
+        return Plan(
+            workspace=req.workspace,
+            preset=preset.name,
+            model_id=preset.hf_id,
+            method=req.method,
+            target=target,
+            sku=sku,
+            gpus_needed=needed,
+            compute_dtype=dtype,
+            target_modules=targets,
+            knobs=kn,
+            estimate=est,
+            fits=fits,
+            capacity_gib=capacity,
+            suggestion=suggestion,
+            notes=tuple(notes),
+        )
+
+    est = build(sku, kn)
     if local:
         capacity = _local_memory_gib()
-        fits = capacity == 0.0 or est.total_gib <= capacity * 0.8
-        plan = Plan(
-            req.workspace,
-            preset.name,
-            preset.hf_id,
-            req.method,
-            "local-cpu",
-            None,
-            0,
-            dtype,
-            targets,
-            kn,
-            est,
-            fits,
-            capacity or None,
-            None,
-            tuple(notes),
-        )
-        return plan, problems
+        return plan("local-cpu", 0, est, capacity == 0.0 or est.total_gib <= capacity * 0.8, capacity or None), []
     if sku is None:
-        plan = Plan(
-            req.workspace,
-            preset.name,
-            preset.hf_id,
-            req.method,
-            "byo-nodes",
-            None,
-            1,
-            dtype,
-            targets,
-            kn,
-            est,
-            True,
-            None,
-            None,
-            tuple(notes),
-        )
-        return plan, problems
+        return plan("byo-nodes", 1, est, True, None), problems
     needed = gpus_needed(est, sku.memory_gib)
+    if needed > sku.count and not kn.gradient_checkpointing and not kn.checkpointing_explicit:
+        # Recomputing activations costs ~30% speed; not fitting costs the run. The user did not choose.
+        notes.append(f"gradient checkpointing turned on to fit (without it: ~{est.total_gib:.1f} GiB)")
+        kn = replace(kn, gradient_checkpointing=True)
+        est = build(sku, kn)
+        needed = gpus_needed(est, sku.memory_gib)
     fits = 0 < needed <= sku.count
-    suggestion = None if fits else _suggest(build, sku.cloud)
+    suggestion = None
     if not fits:
+        suggestion = next(
+            (
+                c.name
+                for c in skus_by_size()
+                if c.cloud == sku.cloud and 0 < gpus_needed(build(c, kn), c.memory_gib) <= c.count
+            ),
+            None,
+        )
         fix = f"use {suggestion}" if suggestion else "no catalog SKU fits; lower max_length or use a smaller preset"
         if req.method == "lora" and suggestion:
             fix += ", or switch to tuning.method: qlora"
         problems.append(
             Problem(
                 "resource.instanceType",
-                f"{preset.name} {req.method} needs ~{est.total_gib:.1f} GiB "
-                f"({needed} x {sku.gpu} {sku.memory_gib:g} GiB), but {sku.name} has "
-                f"{sku.count} x {sku.memory_gib:g} GiB",
+                f"{preset.name} {req.method} needs ~{est.total_gib:.1f} GiB ({needed} x {sku.gpu} "
+                f"{sku.memory_gib:g} GiB), but {sku.name} has {sku.count} x {sku.memory_gib:g} GiB",
                 fix,
             )
         )
-    plan = Plan(
-        req.workspace,
-        preset.name,
-        preset.hf_id,
-        req.method,
-        sku.name,
-        sku,
-        needed,
-        dtype,
-        targets,
-        kn,
-        est,
-        fits,
-        sku.total_memory_gib,
-        suggestion,
-        tuple(notes),
-    )
-    return plan, problems
+    return plan(sku.name, needed, est, fits, sku.total_memory_gib, suggestion), problems
 
 
 def load_spec(path: Path, *, allow_local_urls: bool = False) -> Spec:
-    spec, problems = parse_documents(load_documents(path), path.resolve().parent, allow_local_urls=allow_local_urls)
-    if problems or spec is None:
-        raise BadInput(problems)
-    return spec
+    """Validate a Workspace file (admission rules only); raise BadInput listing every problem."""
+    parsed = parse_documents(load_documents(path), path.resolve().parent, allow_local_urls=allow_local_urls)
+    if parsed.spec is None:
+        raise BadInput(parsed.problems)
+    return parsed.spec
 
 
 def load_and_plan(path: Path, *, allow_local_urls: bool = False, local: bool = False) -> tuple[Spec, Plan]:
-    """Validate a Workspace file and plan it; raise BadInput listing every problem."""
-    spec = load_spec(path, allow_local_urls=allow_local_urls)
-    plan, problems = make_plan(PlanRequest.from_spec(spec), local=local)
-    if problems:
+    """Validate a Workspace file and plan it; raise BadInput listing every problem, the GPU fit included."""
+    parsed = parse_documents(load_documents(path), path.resolve().parent, allow_local_urls=allow_local_urls)
+    problems = list(parsed.problems)
+    plan = None
+    if parsed.plan_request is not None:
+        plan, fit_problems = make_plan(parsed.plan_request, local=local)
+        problems.extend(fit_problems)
+    if problems or parsed.spec is None or plan is None:
         raise BadInput(problems)
-    return spec, plan
+    return parsed.spec, plan

@@ -9,6 +9,7 @@ rules and kaitune's own, and reports every problem at once with its field path.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,19 @@ class OutputTarget(BaseModel):
     volume: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the memory plan depends on: a Spec's subset, also rebuilt by the provision step from its flags."""
+
+    workspace: str
+    preset: str
+    method: str
+    instance_type: str | None
+    training_config: Sections
+    config_is_default: bool
+    warnings: tuple[str, ...] = ()
+
+
 class Spec(BaseModel):
     """A Workspace that passed validation: everything the pipeline needs."""
 
@@ -126,6 +140,26 @@ class Spec(BaseModel):
     @property
     def preset(self) -> Preset:
         return PRESETS[self.preset_name]
+
+    def plan_request(self) -> PlanRequest:
+        return PlanRequest(
+            self.name,
+            self.preset_name,
+            self.method,
+            self.instance_type,
+            self.training_config,
+            self.config_is_default,
+            tuple(self.warnings),
+        )
+
+
+@dataclass
+class Parsed:
+    """The outcome of validation: the Spec when valid, every problem, and whether the GPU fit can be planned."""
+
+    spec: Spec | None
+    problems: list[Problem]
+    plan_request: PlanRequest | None = None
 
 
 def _pydantic_problems(exc: ValidationError) -> list[Problem]:
@@ -260,11 +294,12 @@ def _check_input(block: InputBlock | None, allow_local_urls: bool, problems: lis
             why = url_problem(url, allow_local=allow_local_urls)
             if why:
                 bad = True
-                fix = (
-                    "use a public http(s) URL; for a loopback test server pass --allow-local-urls"
-                    if "loopback" in why or "private" in why or "link-local" in why
-                    else "use an http(s) URL"
-                )
+                if "metadata" in why or "credentials" in why:
+                    fix = "point the input at the dataset's own URL"
+                elif "scheme" in why or "valid URL" in why or "no host" in why:
+                    fix = "use an http:// or https:// URL"
+                else:
+                    fix = "use a public http(s) URL; for a local test server pass --allow-local-urls"
                 problems.append(Problem(f"tuning.input.urls[{i}]", f"{url!r} {why}", fix))
         return None if bad else InputSource(kind="urls", urls=block.urls)
     if block.image:
@@ -368,28 +403,29 @@ def _training_config(
     return name, False, sections, cm
 
 
-def parse_documents(
-    docs: list[dict[str, Any]], source_dir: Path, *, allow_local_urls: bool = False
-) -> tuple[Spec | None, list[Problem]]:
-    """Validate parsed YAML documents; return the Spec (if valid) and every problem."""
+def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local_urls: bool = False) -> Parsed:
+    """Validate parsed YAML documents: the Spec (if valid), every problem, and the plan inputs if they are sound."""
     workspaces = [d for d in docs if d.get("kind") == "Workspace"]
     configmaps = {(d.get("metadata") or {}).get("name", ""): d for d in docs if d.get("kind") == "ConfigMap"}
     if len(workspaces) != 1:
         kinds = [d.get("kind") for d in docs]
-        return None, [
-            Problem(
-                "kind",
-                f"expected exactly one Workspace, found {len(workspaces)} (kinds: {kinds})",
-                "put one 'kind: Workspace' document in the file",
-            )
-        ]
+        return Parsed(
+            None,
+            [
+                Problem(
+                    "kind",
+                    f"expected exactly one Workspace, found {len(workspaces)} (kinds: {kinds})",
+                    "put one 'kind: Workspace' document in the file",
+                )
+            ],
+        )
     raw = workspaces[0]
     problems: list[Problem] = []
     warnings: list[str] = []
     try:
         doc = WorkspaceDoc.model_validate(raw)
     except ValidationError as exc:
-        return None, _pydantic_problems(exc)
+        return Parsed(None, _pydantic_problems(exc))
 
     if doc.apiVersion not in API_VERSIONS:
         problems.append(
@@ -412,16 +448,24 @@ def parse_documents(
             else "add a tuning block with preset, method, input and output"
         )
         problems.append(Problem("tuning", "is required", fix))
-        return None, problems
+        return Parsed(None, problems)
 
     tuning = doc.tuning
     preset_name = _check_preset(tuning, problems)
     method = _check_method(tuning, problems)
     source = _check_input(tuning.input, allow_local_urls, problems)
     target = _check_output(tuning.output, problems, warnings)
+    before_config = len(problems)
     config_name, is_default, sections, cm = _training_config(tuning, method, configmaps, problems)
+    request = None
+    instance_type = doc.resource.instanceType if doc.resource else None
+    if preset_name and method and len(problems) == before_config and (not instance_type or find_sku(instance_type)):
+        # Enough is sound to check the GPU fit too, so it is reported with the other problems.
+        request = PlanRequest(
+            name or "workspace", preset_name, method, instance_type, sections, is_default, tuple(warnings)
+        )
     if problems:
-        return None, problems
+        return Parsed(None, problems, request)
     assert method is not None and source is not None and target is not None and doc.resource is not None
     selector = doc.resource.labelSelector
     spec = Spec(
@@ -442,7 +486,7 @@ def parse_documents(
         source_dir=source_dir,
         warnings=warnings,
     )
-    return spec, []
+    return Parsed(spec, [], request)
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:

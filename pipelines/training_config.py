@@ -114,6 +114,7 @@ class TrainingKnobs:
     lora_rank: int
     target_modules: tuple[str, ...] | None  # None: the preset's
     gradient_checkpointing: bool
+    checkpointing_explicit: bool  # the user chose; the plan may not turn it on to fit
     load_in_8bit: bool
 
 
@@ -134,5 +135,6 @@ def knobs(sections: Sections, method: str, context_length: int) -> TrainingKnobs
         lora_rank=int(lora.get("r", 8)),
         target_modules=tuple(targets) if targets else None,
         gradient_checkpointing=bool(checkpointing),
+        checkpointing_explicit="gradient_checkpointing" in args,
         load_in_8bit=bool(sections.get("QuantizationConfig", {}).get("load_in_8bit")),
     )

@@ -19,8 +19,9 @@ from pathlib import Path
 from rich.console import Console
 
 from pipelines.errors import BadInput, Problem
-from pipelines.plan import PlanRequest, make_plan
+from pipelines.plan import make_plan
 from pipelines.plan_report import plan_table
+from pipelines.spec import PlanRequest
 from steps.contract import run_step, write_outputs
 
 log = logging.getLogger("kaitune")

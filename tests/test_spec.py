@@ -63,6 +63,26 @@ def test_method_is_case_insensitive(tmp_path: Path, seed_doc: dict[str, Any]) ->
     assert load_spec(write(tmp_path, seed_doc)).method == "qlora"
 
 
+def test_gpu_fit_is_reported_with_admission_problems(tmp_path: Path, seed_doc: dict[str, Any]) -> None:
+    seed_doc["metadata"]["name"] = "Bad_Name"
+    seed_doc["tuning"]["preset"]["name"] = "phi-4"
+    seed_doc["tuning"]["method"] = "lora"
+    with pytest.raises(BadInput) as info:
+        load_and_plan(write(tmp_path, seed_doc))
+    assert [p.path for p in info.value.problems] == ["metadata.name", "resource.instanceType"]
+
+
+def test_plan_turns_on_checkpointing_only_when_needed_and_not_chosen(tmp_path: Path, seed_doc: dict[str, Any]) -> None:
+    seed_doc["tuning"]["method"] = "lora"
+    seed_doc["tuning"]["config"] = "p"
+    config = "training_config:\n  TrainingArguments:\n    max_length: 4096\n"
+    _, plan = load_and_plan(write(tmp_path, seed_doc, _cm("p", config)))
+    assert plan.knobs.gradient_checkpointing and any("checkpointing turned on" in n for n in plan.notes)
+    explicit = config + "    gradient_checkpointing: false\n"
+    with pytest.raises(BadInput, match="needs ~"):
+        load_and_plan(write(tmp_path, seed_doc, _cm("p", explicit)))
+
+
 def test_all_problems_are_reported_at_once(tmp_path: Path, seed_doc: dict[str, Any]) -> None:
     seed_doc["metadata"]["name"] = "Bad_Name"
     seed_doc["tuning"]["method"] = "full"
