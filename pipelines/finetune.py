@@ -112,17 +112,10 @@ def _step(name: str, image: str, module: str, args: list[str], **kwargs: Any) ->
     )
 
 
-def work_volume_gib(plan: Plan) -> int:
-    """Base weights (fp16 download), the adapter and checkpoints, data, with headroom."""
-    params_gb = plan.estimate.weights_gib if plan.method == "lora" else 0.0
-    weights_gib = max(params_gb, 2 * _preset_params(plan) / 1024**3)
-    return max(20, math.ceil(weights_gib * 1.5 + 10))
-
-
-def _preset_params(plan: Plan) -> float:
-    from pipelines.presets import PRESETS
-
-    return PRESETS[plan.preset].shape.params
+def work_volume_gib(spec: Spec) -> int:
+    """The base weights as downloaded (16-bit), with headroom for data, the adapter and checkpoints."""
+    download_gib = 2 * spec.preset.shape.params / 1024**3
+    return max(20, math.ceil(download_gib * 1.5 + 10))
 
 
 def _description(spec: Spec, plan: Plan) -> str:
@@ -174,7 +167,7 @@ def build(
         metadata=m.ObjectMeta(name="work"),
         spec=m.PersistentVolumeClaimSpec(
             access_modes=["ReadWriteOnce"],
-            resources=m.VolumeResourceRequirements(requests={"storage": m.Quantity(f"{work_volume_gib(plan)}Gi")}),
+            resources=m.VolumeResourceRequirements(requests={"storage": m.Quantity(f"{work_volume_gib(spec)}Gi")}),
         ),
     )
     with cls(

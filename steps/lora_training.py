@@ -79,7 +79,9 @@ def _summed_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     """Sum of token losses over labelled tokens, and their count (for exact means)."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"]
+    # Without padding, no mask lets SDPA take its causal fast path instead of a dense 4D mask.
+    logits = model(input_ids=batch["input_ids"], attention_mask=None if bool(mask.all()) else mask).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(
