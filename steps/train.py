@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         config_path = tmp / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = base_name
+        # peft writes target_modules from a set: sort it so the same adapter gives the same image digest.
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         write_json_atomic(config_path, adapter_config)
         write_json_atomic(tmp / "training_summary.json", summary)
         write_json_atomic(tmp / "metrics.json", summary["metrics"])

@@ -80,6 +80,11 @@ def test_quickstart_runs_all_five_steps(tmp_path: Path, kaitune_cache: Path) -> 
     layout = tmp_path / "runs" / "quickstart" / "adapter-image"
     assert json.loads((layout / "index.json").read_text())["manifests"][0]["digest"] == outputs["push"]["digest"]
     assert not alive(int(outputs["deploy"]["server-pid"]))
+    # Training is seeded and the image is reproducible: a second, independent run gives the same digest.
+    again = kaitune_run(spec, tmp_path / "run2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = {t["name"]: t["outputs"] for t in json.loads((tmp_path / "run2" / "summary.json").read_text())["tasks"]}
+    assert second["push"]["digest"] == outputs["push"]["digest"]
     # The workflow the runner executed is the one `kaitune render` writes.
     rendered = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "render", str(spec)], capture_output=True, text=True, timeout=120
