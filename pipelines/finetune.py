@@ -26,6 +26,7 @@ WORK_MOUNT = "/kaitune/work"
 INPUT_MOUNT = "/kaitune/input"
 OUTPUT_MOUNT = "/kaitune/output"
 PUSH_SECRET_MOUNT = "/kaitune/secrets/push"
+INPUT_TOKEN_MOUNT = "/kaitune/secrets/input"
 OUTPUTS_DIR = "/tmp/kaitune/outputs"
 EXIT_TRANSIENT = 75
 GPU_TOLERATIONS = [
@@ -149,6 +150,15 @@ def build(
     volumes: list[m.Volume] = []
     if spec.input.kind == "volume":
         volumes.append(m.Volume(name="input", **_volume_source(spec.input.volume)))
+    if spec.input.token_secret:
+        volumes.append(
+            m.Volume(
+                name="input-token",
+                secret=m.SecretVolumeSource(
+                    secret_name=spec.input.token_secret, items=[m.KeyToPath(key="token", path="token")]
+                ),
+            )
+        )
     if spec.output.kind == "volume":
         volumes.append(m.Volume(name="output", **_volume_source(spec.output.volume)))
     else:
@@ -186,143 +196,66 @@ def build(
     ) as workflow:
         work = _mount("work", WORK_MOUNT)
         provision = _step(
-            "provision",
-            images.step,
-            "provision",
-            [
-                "--target",
-                wf("target"),
-                "--workspace",
-                wf("workspace"),
-                "--preset",
-                wf("preset"),
-                "--method",
-                wf("method"),
-                "--instance-type",
-                wf("instance-type"),
-                "--training-config",
-                wf("training-config"),
-                "--config-source",
-                wf("config-source"),
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
+            "provision", images.step, "provision",
+            flags(target=wf("target"), workspace=wf("workspace"), preset=wf("preset"), method=wf("method"),
+                  instance_type=wf("instance-type"), training_config=wf("training-config"),
+                  config_source=wf("config-source"), outputs=OUTPUTS_DIR),
             outputs=_outputs("nodes", "devices", "pod-spec-patch"),
-        )
-        fetch_mounts = [work] + ([_mount("input", INPUT_MOUNT)] if spec.input.kind == "volume" else [])
+        )  # fmt: skip
+        fetch_mounts = [work]
+        if spec.input.kind == "volume":
+            fetch_mounts.append(_mount("input", INPUT_MOUNT))
+        token_file = ""
+        if spec.input.token_secret:
+            fetch_mounts.append(m.VolumeMount(name="input-token", mount_path=INPUT_TOKEN_MOUNT, read_only=True))
+            token_file = f"{INPUT_TOKEN_MOUNT}/token"
         fetch = _step(
-            "fetch-data",
-            images.step,
-            "fetch_data",
-            [
-                "--input-kind",
-                wf("input-kind"),
-                "--input-urls",
-                wf("input-urls"),
-                "--input-image",
-                wf("input-image"),
-                "--input-path",
-                INPUT_MOUNT,
-                "--training-config",
-                wf("training-config"),
-                "--allow-local-urls",
-                wf("allow-local-urls"),
-                "--work",
-                WORK_MOUNT,
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
+            "fetch-data", images.step, "fetch_data",
+            flags(input_kind=wf("input-kind"), input_urls=wf("input-urls"), input_image=wf("input-image"),
+                  input_path=INPUT_MOUNT, training_config=wf("training-config"), model=wf("model"),
+                  max_seq_length=wf("max-seq-length"), token_file=token_file,
+                  allow_local_urls=wf("allow-local-urls"), work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             volume_mounts=fetch_mounts,
-            outputs=_outputs("rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest"),
-        )
+            outputs=_outputs("rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest", "token-p50",
+                             "token-p95", "token-p99", "rows-over-max-length"),
+        )  # fmt: skip
         train = _step(
-            "train",
-            images.train,
-            "train",
-            [
-                "--model",
-                wf("model"),
-                "--method",
-                wf("method"),
-                "--training-config",
-                wf("training-config"),
-                "--target-modules",
-                wf("target-modules"),
-                "--compute-dtype",
-                wf("compute-dtype"),
-                "--max-seq-length",
-                wf("max-seq-length"),
-                "--gradient-checkpointing",
-                wf("gradient-checkpointing"),
-                "--work",
-                WORK_MOUNT,
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
+            "train", images.train, "train",
+            flags(model=wf("model"), method=wf("method"), training_config=wf("training-config"),
+                  target_modules=wf("target-modules"), compute_dtype=wf("compute-dtype"),
+                  max_seq_length=wf("max-seq-length"), gradient_checkpointing=wf("gradient-checkpointing"),
+                  work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="pod-spec-patch")],
             pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",
             volume_mounts=[work],
             tolerations=GPU_TOLERATIONS,
             resources=m.ResourceRequirements(limits={"nvidia.com/gpu": m.Quantity(str(max(plan.gpus_requested, 1)))}),
-            outputs=_outputs(
-                "train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second", "adapter-dir"
-            ),
+            outputs=_outputs("train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second",
+                             "adapter-dir"),
+        )  # fmt: skip
+        push_flags = flags(
+            adapter_dir=f"{WORK_MOUNT}/adapter", model_name=wf("preset"), tag=wf("adapter-tag"), outputs=OUTPUTS_DIR
         )
-        push_args = [
-            "--adapter-dir",
-            f"{WORK_MOUNT}/adapter",
-            "--model-name",
-            wf("preset"),
-            "--tag",
-            wf("adapter-tag"),
-            "--outputs",
-            OUTPUTS_DIR,
-        ]
         if spec.output.kind == "volume":
-            push_args += ["--layout", OUTPUT_MOUNT]
+            push_flags += flags(layout=OUTPUT_MOUNT)
             push_mounts = [work, _mount("output", OUTPUT_MOUNT)]
             push_env = []
         else:
-            push_args += ["--image", wf("output-image")]
+            push_flags += flags(image=wf("output-image"))
             push_mounts = [work, m.VolumeMount(name="push-secret", mount_path=PUSH_SECRET_MOUNT, read_only=True)]
             push_env = [m.EnvVar(name="DOCKER_CONFIG", value=PUSH_SECRET_MOUNT)]
-        push = _step(
-            "push",
-            images.step,
-            "push",
-            push_args,
-            volume_mounts=push_mounts,
-            env=push_env,
-            outputs=_outputs("digest", "image-ref", "tag"),
-        )
+        push = _step("push", images.step, "push", push_flags, volume_mounts=push_mounts, env=push_env,
+                     outputs=_outputs("digest", "image-ref", "tag"))  # fmt: skip
         deploy = _step(
-            "deploy",
-            images.step,
-            "deploy",
-            [
-                "--target",
-                wf("target"),
-                "--workspace",
-                wf("workspace"),
-                "--base-model",
-                wf("model"),
-                "--image-ref",
-                "{{inputs.parameters.image-ref}}",
-                "--work",
-                WORK_MOUNT,
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
+            "deploy", images.step, "deploy",
+            flags(target=wf("target"), workspace=wf("workspace"), base_model=wf("model"),
+                  image_ref="{{inputs.parameters.image-ref}}", work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="image-ref")],
             volume_mounts=[work],
             outputs=_outputs("endpoint", "server-pid", "chat-reply", "curl"),
-        )
-        _step(
-            "cleanup",
-            images.step,
-            "cleanup",
-            ["--target", wf("target"), "--workspace", wf("workspace"), "--workflow-status", "{{workflow.status}}"],
-        )
+        )  # fmt: skip
+        _step("cleanup", images.step, "cleanup",
+              flags(target=wf("target"), workspace=wf("workspace"), workflow_status="{{workflow.status}}"))  # fmt: skip
 
         with DAG(name="main"):
             Task(name="provision", template=provision)
@@ -342,6 +275,14 @@ def build(
                 arguments={"image-ref": task_output("push", "image-ref")},
             )
     return workflow
+
+
+def flags(**values: str) -> list[str]:
+    """``--name value`` pairs, in the order given (underscores become dashes)."""
+    out: list[str] = []
+    for name, value in values.items():
+        out += [f"--{name.replace('_', '-')}", value]
+    return out
 
 
 def _volume_source(source: dict[str, Any] | None) -> dict[str, Any]:

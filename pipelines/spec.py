@@ -31,6 +31,9 @@ from pipelines.url_policy import url_problem
 
 API_VERSIONS = ("kaito.sh/v1alpha1", "kaito.sh/v1beta1")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# kaitune's one extension to the Workspace: the Secret (key "token") for gated dataset URLs.
+INPUT_TOKEN_ANNOTATION = "kaitune.io/input-token-secret"
 
 
 class _Lenient(BaseModel):
@@ -78,6 +81,7 @@ class TuningBlock(_Lenient):
 class Metadata(_Lenient):
     name: str | None = None
     namespace: str | None = None
+    annotations: dict[str, str] | None = None
 
 
 class WorkspaceDoc(_Lenient):
@@ -95,6 +99,7 @@ class InputSource(BaseModel):
     image: str | None = None
     pull_secrets: list[str] = []
     volume: dict[str, Any] | None = None
+    token_secret: str | None = None  # a Secret with key "token", for gated dataset URLs
 
 
 class OutputTarget(BaseModel):
@@ -454,6 +459,27 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
     preset_name = _check_preset(tuning, problems)
     method = _check_method(tuning, problems)
     source = _check_input(tuning.input, allow_local_urls, problems)
+    annotations = (doc.metadata.annotations if doc.metadata else None) or {}
+    token_secret = annotations.get(INPUT_TOKEN_ANNOTATION)
+    if source is not None and token_secret:
+        if source.kind != "urls":
+            problems.append(
+                Problem(
+                    f"metadata.annotations[{INPUT_TOKEN_ANNOTATION}]",
+                    "a dataset token applies to input.urls only",
+                    "remove the annotation",
+                )
+            )
+        elif not _DNS1123_SUBDOMAIN.match(token_secret):
+            problems.append(
+                Problem(
+                    f"metadata.annotations[{INPUT_TOKEN_ANNOTATION}]",
+                    f"{token_secret!r} is not a Secret name",
+                    "name a Secret with a 'token' key",
+                )
+            )
+        else:
+            source = source.model_copy(update={"token_secret": token_secret})
     target = _check_output(tuning.output, problems, warnings)
     before_config = len(problems)
     config_name, is_default, sections, cm = _training_config(tuning, method, configmaps, problems)

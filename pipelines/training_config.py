@@ -18,6 +18,20 @@ import yaml
 
 from pipelines.errors import Problem
 
+# Kaito's DatasetConfig fields, and the few kaitune adds (documented in the README).
+DATASET_CONFIG_KEYS = {
+    "dataset_path",
+    "dataset_extension",
+    "shuffle_dataset",
+    "shuffle_seed",
+    "context_column",
+    "response_column",
+    "messages_column",
+    "train_test_split",  # Kaito
+    "schema",
+    "max_bad_fraction",
+    "sha256",  # kaitune
+}
 SECTIONS = ("ModelConfig", "QuantizationConfig", "LoraConfig", "TrainingArguments", "DataCollator", "DatasetConfig")
 DEFAULT_CONFIGMAPS = {"qlora": "qlora-params", "lora": "lora-params"}
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -77,6 +91,16 @@ def parse_config_text(text: str, where: str) -> tuple[Sections, list[Problem]]:
             )
         else:
             sections[name] = body
+            if name == "DatasetConfig":
+                problems.extend(
+                    Problem(
+                        f"{path}.{key}",
+                        "is not a DatasetConfig field",
+                        f"use: {', '.join(sorted(DATASET_CONFIG_KEYS))}",
+                    )
+                    for key in body
+                    if key not in DATASET_CONFIG_KEYS
+                )
     return sections, problems
 
 

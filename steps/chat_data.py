@@ -1,22 +1,28 @@
-"""Dataset files in, validated OpenAI-style ``messages`` rows out.
+"""Records in, validated OpenAI-style ``messages`` rows out.
 
-Reads parquet, jsonl, json and csv (optionally .gz), detects the schema
-(messages, ShareGPT conversations, Alpaca, prompt/completion) and checks every
-row, keeping the index and reason of each bad one for the report.
+Schemas, detected per row, overridable in DatasetConfig (Kaito's ``messages_column``,
+``context_column``/``response_column``, or kaitune's ``schema``):
+
+* ``messages``: [{role, content}, ...] (a JSON string is accepted too)
+* ``conversations``: ShareGPT [{from, value}, ...]
+* ``alpaca``: instruction, optional input, output
+* ``prompt_completion``: prompt, completion (or Kaito's context/response columns)
+* ``text``: plain text, learned as one assistant turn
+
+A dataset holds one schema; a row of another is an error naming file and row. A
+row that breaks the rules (unknown role, no assistant turn, empty content) is
+skipped and reported by file, row and column.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.errors import BadInput, Problem
+from steps.dataset_files import Record
 
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -26,121 +32,107 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "tool": "tool",
+    "function_call": "tool",
+    "observation": "tool",
 }
-FORMATS = (".parquet", ".jsonl", ".json", ".csv")
-SCHEMAS = ("messages", "conversations", "alpaca", "prompt_completion")
-
+SCHEMAS = ("messages", "conversations", "alpaca", "prompt_completion", "text")
 Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Which columns hold what, from DatasetConfig (Kaito's names)."""
+
+    schema: str | None = None
+    messages: str = "messages"
+    context: str = "prompt"
+    response: str = "completion"
+    text: str = "text"
+
+    @classmethod
+    def from_dataset_config(cls, config: dict[str, Any]) -> Columns:
+        schema = config.get("schema")
+        if schema is not None and schema not in SCHEMAS:
+            raise BadInput(
+                Problem(
+                    "DatasetConfig.schema",
+                    f"{schema!r} is not a known schema",
+                    f"use one of {', '.join(SCHEMAS)}, or leave it out to detect it",
+                )
+            )
+        if config.get("messages_column"):
+            return cls(schema or "messages", messages=config["messages_column"])
+        if config.get("context_column"):
+            return cls(
+                schema or "prompt_completion",
+                context=config["context_column"],
+                response=config.get("response_column", "text"),
+            )
+        # Kaito's response_column alone (default "text") names a plain-text column.
+        return cls(schema, text=config.get("response_column", "text"))
+
+
+@dataclass(frozen=True)
 class BadRow:
-    index: int
+    file: str
+    row: int
+    column: str
     reason: str
 
-
-def data_files(path: Path) -> list[Path]:
-    """The data files at ``path``: the file itself, or a directory's shards in name order."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _format(p) is not None)
-        if files:
-            return files
-        raise BadInput(
-            Problem(
-                str(path),
-                f"holds no data files ({', '.join(FORMATS)}, optionally .gz)",
-                "point the input at a directory of dataset shards",
-            )
-        )
-    raise BadInput(Problem(str(path), "does not exist", "check tuning.input"))
+    def render(self) -> str:
+        return f"{self.file} row {self.row} column {self.column}: {self.reason}"
 
 
-def _format(path: Path) -> str | None:
-    name = path.name.lower().removesuffix(".gz")
-    return next((fmt for fmt in FORMATS if name.endswith(fmt)), None)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    fmt = _format(path)
-    if fmt is None:
-        raise BadInput(Problem(str(path), "has an unknown format", f"use one of {', '.join(FORMATS)}"))
-    try:
-        if fmt == ".parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.read_table(path).to_pylist())
-        raw = path.read_bytes()
-        text = (gzip.decompress(raw) if path.name.lower().endswith(".gz") else raw).decode("utf-8")
-        if fmt == ".jsonl":
-            out = []
-            for line_no, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise BadInput(
-                            Problem(
-                                f"{path}:{line_no}",
-                                f"is not valid JSON ({exc.msg})",
-                                "each line of a .jsonl file must be one JSON object",
-                            )
-                        ) from None
-            return out
-        if fmt == ".json":
-            doc = json.loads(text)
-            return doc if isinstance(doc, list) else [doc]
-        return list(csv.DictReader(io.StringIO(text)))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise BadInput(Problem(str(path), f"cannot be read as {fmt}: {exc}", "check the file's format")) from None
-
-
-def detect_schema(records: list[dict[str, Any]]) -> str:
-    keys: set[str] = set()
-    for record in records[:100]:
-        if isinstance(record, dict):
-            keys |= set(record)
-    if "messages" in keys:
+def row_schema(data: dict[str, Any], cols: Columns) -> str | None:
+    present = {k for k, v in data.items() if v is not None and v != ""}
+    if cols.messages in present:
         return "messages"
-    if "conversations" in keys:
+    if "conversations" in present:
         return "conversations"
-    if {"instruction", "output"} <= keys:
+    if {"instruction", "output"} <= present:
         return "alpaca"
-    if {"prompt", "completion"} <= keys:
+    if {cols.context, cols.response} <= present:
         return "prompt_completion"
-    raise BadInput(
-        Problem(
-            "dataset",
-            f"has no recognised chat columns (found: {sorted(keys)[:10]})",
-            "provide 'messages' (role/content), ShareGPT 'conversations', Alpaca "
-            "instruction/input/output, or prompt/completion columns",
-        )
-    )
+    if cols.text in present:
+        return "text"
+    return None
 
 
-def _as_list(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+def _json_list(value: Any, column: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"is a string but not JSON ({exc.msg})") from None
+    return value
 
 
-def to_messages(record: dict[str, Any], schema: str) -> Messages:
+def to_messages(data: dict[str, Any], schema: str, cols: Columns) -> tuple[str, Messages]:
+    """The row as messages, and the column the row's content came from (for error messages)."""
     if schema == "messages":
-        return list(_as_list(record.get("messages")) or [])
+        return cols.messages, list(_json_list(data.get(cols.messages), cols.messages) or [])
     if schema == "conversations":
-        turns = _as_list(record.get("conversations")) or []
-        return [
+        turns = _json_list(data.get("conversations"), "conversations") or []
+        return "conversations", [
             {"role": SHAREGPT_ROLES.get(str(t.get("from")), str(t.get("from"))), "content": t.get("value")}
+            if isinstance(t, dict)
+            else t
             for t in turns
         ]
     if schema == "alpaca":
-        prompt = record.get("instruction") or ""
-        if record.get("input"):
-            prompt = f"{prompt}\n\n{record['input']}"
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record.get("output")}]
-    return [
-        {"role": "user", "content": record.get("prompt")},
-        {"role": "assistant", "content": record.get("completion")},
-    ]
+        prompt = data.get("instruction") or ""
+        if data.get("input"):
+            prompt = f"{prompt}\n\n{data['input']}"
+        return "instruction/output", [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": data.get("output")},
+        ]
+    if schema == "prompt_completion":
+        return f"{cols.context}/{cols.response}", [
+            {"role": "user", "content": data.get(cols.context)},
+            {"role": "assistant", "content": data.get(cols.response)},
+        ]
+    return cols.text, [{"role": "assistant", "content": data.get(cols.text)}]
 
 
 def row_problem(messages: Any) -> str | None:
@@ -150,7 +142,7 @@ def row_problem(messages: Any) -> str | None:
         if not isinstance(message, dict):
             return f"message {i} is not an object"
         if message.get("role") not in ROLES:
-            return f"message {i} has unknown role {message.get('role')!r}"
+            return f"message {i} has unknown role {message.get('role')!r} (use system, user, assistant, tool)"
         content = message.get("content")
         if not isinstance(content, str) or not content.strip():
             return f"message {i} ({message['role']}) has empty or non-string content"
@@ -159,19 +151,44 @@ def row_problem(messages: Any) -> str | None:
     return None
 
 
-def normalize(records: Iterable[dict[str, Any]], schema: str) -> tuple[list[Messages], list[BadRow]]:
+def normalize(records: Iterable[Record], cols: Columns) -> tuple[str, list[Messages], list[BadRow]]:
+    """Every record as messages; the dataset's schema; the rows skipped and why."""
+    schema = cols.schema
+    first: Record | None = None
     good: list[Messages] = []
     bad: list[BadRow] = []
-    for index, record in enumerate(records):
+    for record in records:
+        found = row_schema(record.data, cols)
+        if schema is None:
+            if found is None:
+                raise BadInput(
+                    Problem(
+                        record.where,
+                        f"has no recognised chat columns (found: {', '.join(sorted(record.data)) or 'none'})",
+                        "provide messages, ShareGPT conversations, Alpaca instruction/output, "
+                        "prompt/completion or text columns, or name them in DatasetConfig",
+                    )
+                )
+            schema, first = found, record
+        elif cols.schema is None and found is not None and found != schema:
+            assert first is not None
+            raise BadInput(
+                Problem(
+                    record.where,
+                    f"is {found} but {first.where} is {schema}: mixed schemas",
+                    "convert the files to one schema, or set DatasetConfig.schema",
+                )
+            )
         try:
-            messages = to_messages(record, schema) if isinstance(record, dict) else None
+            column, messages = to_messages(record.data, schema, cols)
         except (ValueError, AttributeError, TypeError) as exc:
-            bad.append(BadRow(index, f"cannot be read as {schema}: {exc}"))
+            bad.append(BadRow(record.file, record.row, schema, f"cannot be read as {schema}: {exc}"))
             continue
         why = row_problem(messages)
         if why:
-            bad.append(BadRow(index, why))
+            bad.append(BadRow(record.file, record.row, column, why))
         else:
-            assert messages is not None
             good.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return good, bad
+    if schema is None:
+        raise BadInput(Problem("dataset", "is empty: no rows in any file", "check that the input holds rows"))
+    return schema, good, bad

@@ -33,9 +33,18 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def cache_dir() -> Path:
+def cache_dir(part: str = "") -> Path:
     root = os.environ.get("KAITUNE_CACHE") or Path.home() / ".cache" / "kaitune"
-    return Path(root) / "models" / f"{NAME}-v{VERSION}"
+    return Path(root) / "models" / f"{NAME}{part}-v{VERSION}"
+
+
+def ensure_tokenizer() -> Path:
+    """The tokenizer alone (no torch needed): fetch-data measures token lengths with it."""
+    target = cache_dir("-tokenizer")
+    if not (target / "tokenizer.json").exists():
+        with atomic_dir(target) as tmp:
+            build_tokenizer().save_pretrained(tmp)
+    return target
 
 
 def ensure(warmup_steps: int = 300) -> Path:
@@ -47,6 +56,14 @@ def ensure(warmup_steps: int = 300) -> Path:
     with atomic_dir(target) as tmp:
         build(tmp, warmup_steps=warmup_steps)
     return target
+
+
+def build_tokenizer() -> Any:
+    """Byte-level BPE trained on the project's own text; deterministic."""
+    from pipelines.presets import TINY_PHI3
+
+    corpus = [m["content"] for row in chat_rows() for m in row["messages"]] + warmup_corpus(1)
+    return _train_tokenizer(corpus, TINY_PHI3.vocab)
 
 
 def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
@@ -88,11 +105,9 @@ def build(dest: Path, *, warmup_steps: int = 300, seed: int = 0) -> None:
         [{"role": "user", "content": f"Tell me about {line.split()[1]}."}, {"role": "assistant", "content": line}]
         for line in warmup_corpus(seed + 1)
     ]
-    tokenizer = _train_tokenizer(
-        [tokenizer_line for row in chat_rows() for tokenizer_line in (m["content"] for m in row["messages"])]
-        + warmup_corpus(seed + 1),
-        TINY_PHI3.vocab,
-    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tokenizer())
     shape = TINY_PHI3
     # The embedding is padded to the preset's vocab so the memory plan's shape is exact.
     assert len(tokenizer) <= shape.vocab, (len(tokenizer), shape.vocab)

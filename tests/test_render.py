@@ -102,6 +102,25 @@ def test_push_secret_is_a_reference_only() -> None:
     assert "ACR_REGISTRY_SECRET_HERE" not in " ".join(push["container"]["args"])
 
 
+def test_dataset_token_secret_is_mounted_not_inlined(tmp_path: Path) -> None:
+    doc = yaml.safe_load(SEED.read_text())
+    doc["metadata"]["annotations"] = {"kaitune.io/input-token-secret": "hf-token"}
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    rendered_doc = rendered(path)
+    volumes = {v["name"]: v for v in rendered_doc["spec"]["volumes"]}
+    assert volumes["input-token"]["secret"] == {"secretName": "hf-token", "items": [{"key": "token", "path": "token"}]}
+    fetch = next(t for t in rendered_doc["spec"]["templates"] if t["name"] == "fetch-data")
+    args = fetch["container"]["args"]
+    assert args[args.index("--token-file") + 1] == "/kaitune/secrets/input/token"
+    assert {"name": "input-token", "mountPath": "/kaitune/secrets/input", "readOnly": True} in fetch["container"][
+        "volumeMounts"
+    ]
+    # Without the annotation there is no token volume and the flag is empty.
+    plain = next(t for t in rendered(SEED)["spec"]["templates"] if t["name"] == "fetch-data")["container"]["args"]
+    assert plain[plain.index("--token-file") + 1] == ""
+
+
 def test_gitops_template_is_in_sync(regen_golden: bool) -> None:
     text = to_yaml(rendered(SEED, "WorkflowTemplate"))
     if regen_golden:

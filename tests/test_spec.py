@@ -110,6 +110,7 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
 _DELETE = object()
 LORA_4BIT = "training_config:\n  QuantizationConfig:\n    load_in_4bit: true\n"
 QLORA_NOQUANT = "training_config:\n  LoraConfig:\n    r: 8\n"
+UNKNOWN_DATASET_KEY = "training_config:\n  DatasetConfig:\n    shuffle: true\n"
 UNKNOWN_SECTION = "training_config:\n  TokenizerParams:\n    padding: true\n"
 
 # (id, edits to the seed, extra documents, expected field path, a phrase of the message)
@@ -175,6 +176,20 @@ BROKEN = [
         "needs ~",
     ),
     ("wrong-type", {"resource.count": "many"}, [], "resource.count", "integer"),
+    (
+        "dataset-config-key",
+        {"tuning.config": "p"},
+        [_cm("p", UNKNOWN_DATASET_KEY)],
+        "ConfigMap/p.data.training_config.yaml.training_config.DatasetConfig.shuffle",
+        "not a DatasetConfig field",
+    ),
+    (
+        "token-secret-name",
+        {"metadata.annotations": {"kaitune.io/input-token-secret": "Bad Name"}},
+        [],
+        "metadata.annotations[kaitune.io/input-token-secret]",
+        "not a Secret name",
+    ),
 ]
 
 

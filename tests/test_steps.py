@@ -12,7 +12,6 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
 from steps import oci_layout
@@ -26,73 +25,6 @@ def step(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def chat(question: str, answer: str) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def fetch(tmp_path: Path, data: Path, config: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
-    return step(
-        "fetch_data",
-        "--input-kind",
-        "volume",
-        "--input-path",
-        str(data),
-        "--work",
-        str(tmp_path / "work"),
-        "--outputs",
-        str(tmp_path / "out"),
-        "--training-config",
-        json.dumps(config or {}),
-    )
-
-
-def test_fetch_data_normalizes_schemas_and_reports_bad_rows(tmp_path: Path) -> None:
-    rows = [chat(f"q{i}", f"a{i}") for i in range(40)]
-    rows.append({"messages": [{"role": "user", "content": "no answer"}]})
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    result = fetch(tmp_path, data, {"DatasetConfig": {"train_test_split": 0.75}})
-    assert result.returncode == 0, result.stderr
-    outputs = {p.name: p.read_text() for p in (tmp_path / "out").iterdir()}
-    assert outputs["rows"] == "41" and outputs["bad-rows"] == "1"
-    assert outputs["train-rows"] == "30" and outputs["eval-rows"] == "10"
-    stats = json.loads((tmp_path / "work" / "data" / "stats.json").read_text())
-    assert stats["skipped"] == [{"index": 40, "reason": "has no assistant turn to learn from"}]
-    train = pq.read_table(tmp_path / "work" / "data" / "train.parquet").to_pylist()
-    assert train[0]["messages"][0]["role"] == "user"
-
-
-@pytest.mark.parametrize(
-    ("record", "schema"),
-    [
-        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "conversations"),
-        ({"instruction": "q", "input": "ctx", "output": "a"}, "alpaca"),
-        ({"prompt": "q", "completion": "a"}, "prompt_completion"),
-    ],
-)
-def test_fetch_data_detects_other_schemas(tmp_path: Path, record: dict[str, Any], schema: str) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", [record] * 10)
-    assert fetch(tmp_path, data).returncode == 0
-    stats = json.loads((tmp_path / "work" / "data" / "stats.json").read_text())
-    assert stats["schema"] == schema and stats["bad_rows"] == 0
-
-
-def test_fetch_data_fails_above_bad_row_threshold_with_exit_2(tmp_path: Path) -> None:
-    rows = [chat("q", "a")] * 10 + [{"messages": [{"role": "robot", "content": "x"}]}]
-    result = fetch(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
-    assert result.returncode == 2
-    assert "1 of 11 rows are bad (first: row 10 message 0 has unknown role 'robot')" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "work" / "data").exists()  # nothing half-written
-
-
-def test_fetch_data_bad_json_line_names_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(chat("q", "a")) + "\n{not json\n")
-    result = fetch(tmp_path, path)
-    assert result.returncode == 2 and "d.jsonl:2" in result.stderr
 
 
 def test_split_honours_seed_and_always_keeps_an_eval_set() -> None:
