@@ -46,16 +46,13 @@ print(len(ds), lengths[len(lengths) // 2])
 
 
 class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format: str, *args: object) -> None:
         return
 
 
 def dolly_like(n: int, seed: int = 0) -> list[dict[str, object]]:
     rng = random.Random(seed)
-    words = (
-        "the a river city model train data answer question because which people often small large time "
-        "history science music water light energy system people write read build learn"
-    ).split()
+    words = ["the", "a", "river", "city", "model", "train", "data", "answer", "question", "because", "which", "people", "often", "small", "large", "time", "history", "science", "music", "water", "light", "energy", "system", "people", "write", "read", "build", "learn"]
 
     def text(mean_words: float) -> str:
         k = max(1, min(1200, int(rng.lognormvariate(mean_words, 0.9))))
