@@ -52,7 +52,11 @@ class Quiet(SimpleHTTPRequestHandler):
 
 def dolly_like(n: int, seed: int = 0) -> list[dict[str, object]]:
     rng = random.Random(seed)
-    words = ["the", "a", "river", "city", "model", "train", "data", "answer", "question", "because", "which", "people", "often", "small", "large", "time", "history", "science", "music", "water", "light", "energy", "system", "people", "write", "read", "build", "learn"]
+    words = [
+        "the", "a", "river", "city", "model", "train", "data", "answer", "question", "because", "which", "people",
+        "often", "small", "large", "time", "history", "science", "music", "water", "light", "energy", "system",
+        "write", "read", "build", "learn",
+    ]  # fmt: skip
 
     def text(mean_words: float) -> str:
         k = max(1, min(1200, int(rng.lognormvariate(mean_words, 0.9))))

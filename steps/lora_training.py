@@ -1,23 +1,35 @@
-"""The training loop: length-grouped batches, AdamW on the adapter, token-weighted eval loss.
+"""The training loop: packed rows, AdamW on the adapter, token-weighted loss, checkpoints that resume exactly.
 
 A plain loop rather than a Trainer subclass: every step's cost is visible and the
 per-step overhead DESIGN.md measured in SFTTrainer is not paid. Loss is the mean
-over assistant tokens; padding is masked by position.
+over assistant tokens.
+
+The whole data order is a pure function of the seed (``schedule``), so a run that
+restarts from a checkpoint (an Argo retry after a spot preemption, or a local
+rerun) continues with the same micro-batches, optimizer and RNG state, and ends
+with the same adapter as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pipelines.errors import BadInput, Problem
 from steps.chat_tokens import IGNORE_INDEX, Encoded
+from steps.packing import collate_packed, pack
 
 log = logging.getLogger("kaitune")
+Step = list[list[Encoded]]  # one optimizer step: its micro-batches
+KEEP_CHECKPOINTS = 2
 
 
 @dataclass(frozen=True)
@@ -27,12 +39,17 @@ class LoopConfig:
     batch_size: int
     grad_accum: int
     weight_decay: float
-    warmup_ratio: float
+    warmup: float  # below 1: a fraction of the steps; else a number of steps (transformers' warmup_steps)
     max_grad_norm: float
     max_steps: int
     seed: int
     logging_steps: int
     compute_dtype: str
+    packing: bool = True
+    pack_tokens: int = 2048  # row capacity when packing
+    checkpoint_dir: Path | None = None
+    save_steps: int = 0  # 0: no step-based checkpoints
+    save_minutes: float = 0.0  # 0: no time-based checkpoints
 
 
 @dataclass
@@ -43,6 +60,7 @@ class LoopResult:
     train_loss: float
     eval_loss_before: float | None
     eval_loss: float | None
+    resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -60,6 +78,29 @@ def batches(examples: list[Encoded], batch_size: int, rng: random.Random | None)
         yield [examples[i] for i in group]
 
 
+def _epoch_groups(examples: list[Encoded], cfg: LoopConfig, epoch: int) -> list[list[Encoded]]:
+    rng = random.Random(f"{cfg.seed}:{epoch}")
+    if cfg.packing:
+        return pack(examples, cfg.pack_tokens, rng)
+    return list(batches(examples, cfg.batch_size, rng))
+
+
+def schedule(examples: list[Encoded], cfg: LoopConfig) -> list[Step]:
+    """Every optimizer step's micro-batches, for the whole run; deterministic in the seed."""
+    steps: list[Step] = []
+    epoch = 0
+    per_epoch = None
+    while True:
+        groups = _epoch_groups(examples, cfg, epoch)
+        epoch_steps = [groups[i : i + cfg.grad_accum] for i in range(0, len(groups), cfg.grad_accum)]
+        per_epoch = per_epoch or len(epoch_steps)
+        steps.extend(epoch_steps)
+        epoch += 1
+        target = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.epochs))
+        if len(steps) >= target:
+            return steps[:target]
+
+
 def collate(batch: list[Encoded], pad_id: int, device: Any) -> dict[str, Any]:
     import torch
 
@@ -72,28 +113,35 @@ def collate(batch: list[Encoded], pad_id: int, device: Any) -> dict[str, Any]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    # Without padding, no mask lets SDPA take its causal fast path instead of a dense 4D mask.
+    return {
+        "input_ids": ids.to(device),
+        "labels": labels.to(device),
+        "attention_mask": None if bool(mask.all()) else mask.to(device),
+        "model_kwargs": {},
+    }
 
 
-def _summed_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """Sum of token losses over labelled tokens, and their count (for exact means)."""
+def token_losses(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Per-token losses (0 where unlabelled) for ``batch`` and the labelled-token mask, both [rows, len - 1]."""
     import torch
 
-    mask = batch["attention_mask"]
-    # Without padding, no mask lets SDPA take its causal fast path instead of a dense 4D mask.
-    logits = model(input_ids=batch["input_ids"], attention_mask=None if bool(mask.all()) else mask).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **batch["model_kwargs"]).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    return losses, shift_labels != IGNORE_INDEX
 
 
-def evaluate(model: Any, examples: list[Encoded], pad_id: int, batch_size: int) -> float | None:
+def _collate(group: list[Encoded], cfg: LoopConfig, pad_id: int, device: Any) -> dict[str, Any]:
+    if cfg.packing:
+        return collate_packed(group, device, pad_to=cfg.pack_tokens, pad_id=pad_id)
+    return collate(group, pad_id, device)
+
+
+def evaluate(model: Any, examples: list[Encoded], pad_id: int, cfg: LoopConfig) -> float | None:
     import torch
 
     if not examples:
@@ -102,12 +150,66 @@ def evaluate(model: Any, examples: list[Encoded], pad_id: int, batch_size: int) 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    groups = pack(examples, cfg.pack_tokens, None) if cfg.packing else batches(examples, cfg.batch_size, None)
     with torch.no_grad():
-        for batch in batches(examples, batch_size, None):
-            loss, n = _summed_loss(model, collate(batch, pad_id, device))
-            total, count = total + float(loss), count + n
+        for group in groups:
+            losses, mask = token_losses(model, _collate(group, cfg, pad_id, device))
+            total, count = total + float(losses.sum()), count + int(mask.sum())
     model.train(was_training)
     return total / count if count else None
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory counts only once its state.json exists)."""
+    found = [p for p in root.glob("step-*") if (p / "state.json").exists()] if root.exists() else []
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def save_checkpoint(root: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    final = root / f"step-{state['step']:08d}"
+    partial = root / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(weights, partial / "adapter.safetensors")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+        partial / "trainer.pt",
+    )
+    (partial / "state.json").write_text(json.dumps(state) + "\n")  # written last: marks the checkpoint complete
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for old in _checkpoints(root)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(root: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    done = _checkpoints(root)
+    if not done:
+        return None
+    latest = done[-1]
+    set_peft_model_state_dict(model, load_file(latest / "adapter.safetensors"))
+    trainer = torch.load(latest / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    state: dict[str, Any] = json.loads((latest / "state.json").read_text())
+    return state
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------
 
 
 def train_loop(
@@ -121,85 +223,121 @@ def train_loop(
     import torch
 
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     device = next(p.device for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.epochs))
-    warmup = int(total_steps * cfg.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-        ),
-    )
+    plan = schedule(train, cfg)
+    total_steps = len(plan)
+    warmup = int(total_steps * cfg.warmup) if cfg.warmup < 1 else int(cfg.warmup)
+
+    def lr_factor(s: int) -> float:
+        return (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # On CUDA, autocast. On CPU the base weights are simply loaded in bf16 (peft keeps the adapter in fp32):
+    # CPU autocast re-casts the fp32 adapter every step and memory grew ~25 MB a step (measured).
     use_autocast = device.type == "cuda" and cfg.compute_dtype != "float32"
     autocast_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_autocast and cfg.compute_dtype == "float16")
 
-    eval_before = evaluate(model, evaluation, pad_id, cfg.batch_size)
-    log.info("eval loss before training: %s", f"{eval_before:.4f}" if eval_before is not None else "n/a")
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "seconds": 0.0,
+        "eval_loss_before": None,
+        "history": [],
+        "last_loss": None,
+    }
+    restored = load_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler) if cfg.checkpoint_dir else None
+    if restored is not None:
+        if restored.get("total_steps") != total_steps:
+            raise BadInput(
+                Problem(
+                    str(cfg.checkpoint_dir),
+                    f"holds checkpoints of a {restored.get('total_steps')}-step run, this run has {total_steps} steps",
+                    "delete the checkpoints directory to start over",
+                )
+            )
+        state = restored
+        log.info("resuming from the checkpoint at step %d/%d", state["step"], total_steps)
+    else:
+        state["eval_loss_before"] = evaluate(model, evaluation, pad_id, cfg)
+        before = state["eval_loss_before"]
+        log.info("eval loss before training: %s", f"{before:.4f}" if before is not None else "n/a")
+    resumed_from = int(state["step"])
     model.train()
-    step, tokens, started = 0, 0, time.monotonic()
-    window_loss, window_tokens, last_loss = 0.0, 0, float("nan")
-    history: list[dict[str, float]] = []
-    while step < total_steps:
-        micro = 0
-        for batch in batches(train, cfg.batch_size, rng):
-            inputs = collate(batch, pad_id, device)
+    started, last_save = time.monotonic() - float(state["seconds"]), time.monotonic()
+    for index in range(resumed_from, total_steps):
+        step_loss, step_tokens = 0.0, 0
+        labelled = sum(int(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)) for group in plan[index] for e in group)
+        for group in plan[index]:
+            inputs = _collate(group, cfg, pad_id, device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                loss_sum, n = _summed_loss(model, inputs)
-            if n == 0:
-                continue
-            scaler.scale(loss_sum / n / cfg.grad_accum).backward()
-            window_loss, window_tokens = window_loss + float(loss_sum.detach()), window_tokens + n
-            tokens += int(inputs["attention_mask"].sum())
-            micro += 1
-            if micro % cfg.grad_accum:
-                continue
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            last_loss = window_loss / max(window_tokens, 1)
-            if not math.isfinite(last_loss):
-                from pipelines.errors import BadInput, Problem
-
-                raise BadInput(
-                    Problem(
-                        "TrainingArguments.learning_rate",
-                        f"loss became {last_loss} at step {step}",
-                        "lower the learning rate, or use float32/bfloat16",
-                    )
+                losses, _mask = token_losses(model, inputs)
+            loss_sum = losses.sum()
+            # Token-weighted over the whole optimizer step, however the tokens fall into micro-batches.
+            scaler.scale(loss_sum / max(labelled, 1)).backward()
+            step_loss += float(loss_sum.detach())
+            step_tokens += sum(len(e.input_ids) for e in group)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step = index + 1
+        loss = step_loss / max(labelled, 1)
+        if not math.isfinite(loss):
+            raise BadInput(
+                Problem(
+                    "TrainingArguments.learning_rate",
+                    f"loss became {loss} at step {step}; the last good checkpoint is kept",
+                    "lower the learning rate, or use float32/bfloat16",
                 )
-            record = {
-                "step": step,
-                "loss": last_loss,
-                "lr": float(scheduler.get_last_lr()[0]),
-                "tokens_per_second": tokens / (time.monotonic() - started),
-            }
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                history.append(record)
-                eta = (time.monotonic() - started) / step * (total_steps - step)
-                log.info(
-                    "step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs",
-                    step,
-                    total_steps,
-                    last_loss,
-                    record["lr"],
-                    record["tokens_per_second"],
-                    eta,
-                )
-            window_loss, window_tokens = 0.0, 0
-            if on_step:
-                on_step(step, total_steps, record)
-            if step >= total_steps:
-                break
-    seconds = time.monotonic() - started
-    eval_after = evaluate(model, evaluation, pad_id, cfg.batch_size)
+            )
+        elapsed = time.monotonic() - started
+        state.update(
+            step=step,
+            tokens=int(state["tokens"]) + step_tokens,
+            seconds=elapsed,
+            last_loss=loss,
+            total_steps=total_steps,
+        )
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": float(scheduler.get_last_lr()[0]),
+            "tokens_per_second": state["tokens"] / max(elapsed, 1e-9),
+        }
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            state["history"].append(record)
+            eta = elapsed / max(step - resumed_from, 1) * (total_steps - step)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs",
+                step,
+                total_steps,
+                loss,
+                record["lr"],
+                record["tokens_per_second"],
+                eta,
+            )
+        if on_step:
+            on_step(step, total_steps, record)
+        due = (cfg.save_steps and step % cfg.save_steps == 0) or (
+            cfg.save_minutes and time.monotonic() - last_save >= cfg.save_minutes * 60
+        )
+        if cfg.checkpoint_dir and due and step < total_steps:
+            save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state)
+            last_save = time.monotonic()
+    eval_after = evaluate(model, evaluation, pad_id, cfg)
     log.info("eval loss after training: %s", f"{eval_after:.4f}" if eval_after is not None else "n/a")
-    return LoopResult(step, tokens, seconds, last_loss, eval_before, eval_after, history)
+    return LoopResult(
+        steps=total_steps,
+        tokens=int(state["tokens"]),
+        seconds=float(state["seconds"]),
+        train_loss=float(state["last_loss"] or float("nan")),
+        eval_loss_before=state["eval_loss_before"],
+        eval_loss=eval_after,
+        resumed_from=resumed_from,
+        history=list(state["history"]),
+    )

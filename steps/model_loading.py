@@ -77,7 +77,13 @@ def load_tokenizer(source: Path | str, local_only: bool) -> Any:
 
 
 def load_model(
-    source: Path | str, *, method: str, sections: dict[str, Any], compute_dtype: str, local_only: bool
+    source: Path | str,
+    *,
+    method: str,
+    sections: dict[str, Any],
+    compute_dtype: str,
+    local_only: bool,
+    attn_implementation: str | None = None,
 ) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -88,6 +94,8 @@ def load_model(
         if k not in ("torch_dtype", "dtype", "local_files_only")
     }
     kwargs["dtype"] = _torch_dtype(compute_dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if method == "qlora":
         quant = _section(sections, "QuantizationConfig")
         quant.setdefault("bnb_4bit_compute_dtype", compute_dtype)

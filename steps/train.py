@@ -9,14 +9,16 @@ import argparse
 import hashlib
 import json
 import logging
-from dataclasses import fields
+import shutil
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import BadInput, Problem
+from steps import loss_curve, packing
 from steps.chat_tokens import Encoded, encode
 from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
-from steps.lora_training import LoopConfig, LoopResult, train_loop
+from steps.lora_training import LoopConfig, LoopResult, schedule, train_loop
 
 log = logging.getLogger("kaitune")
 # trl-style keys users put in TrainingArguments; the plan reads them, TrainingArguments does not know them.
@@ -32,15 +34,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], required=True)
     p.add_argument("--max-seq-length", type=int, required=True)
     p.add_argument("--gradient-checkpointing", default="false")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--outputs", type=Path, required=True)
     return p.parse_args(argv)
 
 
-def loop_config(sections: dict[str, Any], compute_dtype: str, work: Path) -> LoopConfig:
+def loop_config(
+    sections: dict[str, Any],
+    compute_dtype: str,
+    work: Path,
+    *,
+    max_seq_length: int = 2048,
+    checkpoint_dir: Path | None = None,
+    checkpoint_minutes: float = 10.0,
+) -> LoopConfig:
     from transformers import TrainingArguments
 
     raw = {k: v for k, v in sections.get("TrainingArguments", {}).items() if k not in _NOT_TRAINING_ARGUMENTS}
+    if "warmup_ratio" in raw:
+        # transformers 5 folded warmup_ratio into warmup_steps (a value below 1 is a ratio); older configs use it.
+        raw["warmup_steps"] = float(raw.pop("warmup_ratio"))
     known = {f.name for f in fields(TrainingArguments)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -57,13 +71,20 @@ def loop_config(sections: dict[str, Any], compute_dtype: str, work: Path) -> Loo
         raise BadInput(
             Problem("training_config.TrainingArguments", str(exc), "use transformers.TrainingArguments' arguments")
         ) from None
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    packing = bool(sections.get("TrainingArguments", {}).get("packing", True))
     return LoopConfig(
+        packing=packing,
+        pack_tokens=max_seq_length * int(args.per_device_train_batch_size),
+        checkpoint_dir=checkpoint_dir if strategy != "no" else None,
+        save_steps=int(args.save_steps) if strategy == "steps" else 0,
+        save_minutes=checkpoint_minutes,
         epochs=float(args.num_train_epochs),
         learning_rate=float(args.learning_rate),
         batch_size=int(args.per_device_train_batch_size),
         grad_accum=int(args.gradient_accumulation_steps),
         weight_decay=float(args.weight_decay),
-        warmup_ratio=float(getattr(args, "warmup_ratio", 0.0) or 0.0),
+        warmup=float(args.warmup_steps or 0),
         max_grad_norm=float(args.max_grad_norm),
         max_steps=int(args.max_steps),
         seed=int(args.seed),
@@ -146,7 +167,14 @@ def main(argv: list[str] | None = None) -> None:
 
     source, base_name = resolve_base(args.model)
     local_only = bool(sections.get("ModelConfig", {}).get("local_files_only", False)) or isinstance(source, Path)
-    cfg = loop_config(sections, args.compute_dtype, args.work)
+    cfg = loop_config(
+        sections,
+        args.compute_dtype,
+        args.work,
+        max_seq_length=args.max_seq_length,
+        checkpoint_dir=args.work / "checkpoints" / key.removeprefix("sha256:")[:16],
+        checkpoint_minutes=args.checkpoint_minutes,
+    )
     tokenizer = load_tokenizer(source, local_only)
     train, dropped = _encode_split(tokenizer, data_dir / "train.parquet", args.max_seq_length)
     evaluation, _ = _encode_split(tokenizer, data_dir / "eval.parquet", args.max_seq_length)
@@ -161,8 +189,16 @@ def main(argv: list[str] | None = None) -> None:
         )
     # Seed before the adapter exists: LoRA's A matrices are randomly initialised.
     torch_seed(cfg.seed)
+    if cfg.checkpoint_dir and not cfg.save_steps:
+        # save_strategy "epoch" (Kaito's default): a checkpoint at each epoch's end.
+        cfg = replace(cfg, save_steps=max(1, len(schedule(train, replace(cfg, epochs=1.0, max_steps=0)))))
     model = load_model(
-        source, method=args.method, sections=sections, compute_dtype=args.compute_dtype, local_only=local_only
+        source,
+        method=args.method,
+        sections=sections,
+        compute_dtype=args.compute_dtype,
+        local_only=local_only,
+        attn_implementation=packing.register() if cfg.packing else None,
     )
     model = add_lora(
         model,
@@ -177,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         progress.total = total
         progress.update(step)
 
-    result: LoopResult = train_loop(model, train, evaluation, tokenizer.pad_token_id, cfg, on_step)
+    result = _train_with_clear_oom(model, train, evaluation, tokenizer.pad_token_id, cfg, on_step)
     summary = {
         "base_model": base_name,
         "method": args.method,
@@ -193,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             "tokens": result.tokens,
             "tokens_per_second": result.tokens_per_second,
             "seconds": result.seconds,
+            "resumed_from_step": result.resumed_from,
             "train_rows": len(train),
             "eval_rows": len(evaluation),
             "rows_dropped_too_long": dropped,
@@ -211,8 +248,30 @@ def main(argv: list[str] | None = None) -> None:
             adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         write_json_atomic(config_path, adapter_config)
         write_json_atomic(tmp / "training_summary.json", summary)
-        write_json_atomic(tmp / "metrics.json", summary["metrics"])
+        write_json_atomic(tmp / "metrics.json", {**summary["metrics"], "history": result.history})
+        loss_curve.write_png(result.history, tmp / "loss_curve.png", title=f"{base_name} {args.method}")
+    if cfg.checkpoint_dir:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # the adapter is final; resume state is not needed
     write_outputs(args.outputs, _outputs(summary, adapter_dir))
+
+
+def _train_with_clear_oom(
+    model: Any, train: list[Encoded], evaluation: list[Encoded], pad_id: int, cfg: LoopConfig, on_step: Any
+) -> LoopResult:
+    import torch
+
+    try:
+        return train_loop(model, train, evaluation, pad_id, cfg, on_step)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        raise BadInput(
+            Problem(
+                "training_config.TrainingArguments",
+                f"out of memory at {cfg.pack_tokens if cfg.packing else cfg.batch_size} "
+                f"{'tokens per row' if cfg.packing else 'rows per batch'} ({str(exc).splitlines()[0][:200]})",
+                "lower per_device_train_batch_size or max_length, set gradient_checkpointing: true, use method qlora, "
+                "or pick a larger instanceType (see 'kaitune plan')",
+            )
+        ) from None
 
 
 if __name__ == "__main__":

@@ -132,3 +132,128 @@ def test_unknown_training_argument_is_bad_input(work: Path) -> None:
     result = train(work, "lora", {"TrainingArguments": {"num_train_epoch": 3}})
     assert result.returncode == 2
     assert "TrainingArguments.num_train_epoch: is not a TrainingArguments field" in result.stderr
+
+
+RESUME = {
+    "LoraConfig": {"r": 8, "lora_alpha": 16},
+    "TrainingArguments": {
+        "num_train_epochs": 40,
+        "learning_rate": 0.002,
+        "per_device_train_batch_size": 1,
+        "seed": 3,
+        "save_strategy": "steps",
+        "save_steps": 10,
+        "logging_steps": 10,
+    },
+}
+
+
+def _adapter_weights(adapter: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+def test_kill_9_midway_then_rerun_resumes_and_matches(work: Path, tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import time
+
+    import torch
+
+    # The uninterrupted reference, in its own copy of the work volume.
+    reference = tmp_path / "reference" / "work"
+    shutil.copytree(work, reference)
+    assert train(reference, "lora", RESUME).returncode == 0
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "steps.train",
+        "--model",
+        "tiny-phi3",
+        "--method",
+        "lora",
+        "--training-config",
+        json.dumps(RESUME),
+        "--target-modules",
+        TARGETS,
+        "--compute-dtype",
+        "float32",
+        "--max-seq-length",
+        "256",
+        "--work",
+        str(work),
+        "--outputs",
+        str(work.parent / "out"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = work / "checkpoints"
+    deadline = time.monotonic() + 300
+    killed_at = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [p for p in checkpoints.glob("*/step-*") if (p / "state.json").exists()]
+        if any(int(p.name.removeprefix("step-")) >= 30 for p in done):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_at = max(int(p.name.removeprefix("step-")) for p in done)
+            break
+        time.sleep(0.02)
+    assert killed_at >= 30, "the run finished before it could be killed; make it longer"
+    assert not (work / "adapter").exists()  # nothing final was written
+
+    rerun = train(work, "lora", RESUME)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from the checkpoint at step {killed_at}/" in rerun.stderr
+    summary = json.loads((work / "adapter" / "training_summary.json").read_text())
+    reference_summary = json.loads((reference / "adapter" / "training_summary.json").read_text())
+    # No more than one checkpoint interval (10 steps) was lost, and the step counter continued.
+    assert summary["metrics"]["resumed_from_step"] == killed_at
+    assert summary["metrics"]["steps"] == reference_summary["metrics"]["steps"] > killed_at
+    ours, theirs = _adapter_weights(work / "adapter"), _adapter_weights(reference / "adapter")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-5), key  # type: ignore[arg-type]
+    assert summary["metrics"]["eval_loss"] == pytest.approx(reference_summary["metrics"]["eval_loss"], abs=1e-5)
+    assert not (work / "checkpoints").exists() or not any((work / "checkpoints").iterdir())
+
+
+def test_reloaded_adapter_generates_and_merge_matches(work: Path, tiny_phi3: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert train(work, "lora", LORA).returncode == 0
+    adapter = work / "adapter"
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Peru?"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        merged = model.merge_and_unload()(**inputs).logits  # into the full-precision base
+    assert text.strip()
+    assert torch.allclose(unmerged, merged, atol=1e-4)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)(**inputs).logits
+    assert not torch.allclose(plain, merged, atol=1e-3)  # the adapter does change the model
+
+
+def test_kaito_default_configmaps_are_accepted(work: Path) -> None:
+    from pipelines.training_config import default_sections
+
+    for method in ("lora", "qlora"):
+        sections = default_sections(method)
+        sections["TrainingArguments"] = {
+            **sections["TrainingArguments"],
+            "max_steps": 2,
+            "gradient_accumulation_steps": 2,
+            "warmup_ratio": 0.1,
+        }
+        result = train(work, method, sections, ckpt="true" if method == "qlora" else "false")
+        assert result.returncode == 0, result.stderr[-2000:]
