@@ -101,3 +101,17 @@ def test_preset_shapes_are_consistent() -> None:
         embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
         # Per-layer linears plus embeddings account for the published parameter count (norms are tiny).
         assert linear + embeddings == pytest.approx(shape.params, rel=0.02), preset.name
+
+
+def test_kaito_qkv_targets_train_only_o_proj_on_phi3(tiny_phi3: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]  # what Kaito names for Phi-3
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_phi3), LoraConfig(r=8, target_modules=targets)
+    )
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert trainable == lora_trainable_params(TINY_PHI3, 8, ("o_proj",))  # q/k/v silently matched nothing
+    wrapped = {name.rsplit(".", 2)[-2] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    assert wrapped == {"o_proj"}
