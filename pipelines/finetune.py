@@ -27,6 +27,7 @@ INPUT_MOUNT = "/kaitune/input"
 OUTPUT_MOUNT = "/kaitune/output"
 PUSH_SECRET_MOUNT = "/kaitune/secrets/push"
 INPUT_TOKEN_MOUNT = "/kaitune/secrets/input"
+MODEL_TOKEN_MOUNT = "/kaitune/secrets/model"
 OUTPUTS_DIR = "/tmp/kaitune/outputs"
 EXIT_TRANSIENT = 75
 GPU_TOLERATIONS = [
@@ -151,14 +152,9 @@ def build(
     if spec.input.kind == "volume":
         volumes.append(m.Volume(name="input", **_volume_source(spec.input.volume)))
     if spec.input.token_secret:
-        volumes.append(
-            m.Volume(
-                name="input-token",
-                secret=m.SecretVolumeSource(
-                    secret_name=spec.input.token_secret, items=[m.KeyToPath(key="token", path="token")]
-                ),
-            )
-        )
+        volumes.append(_token_volume("input-token", spec.input.token_secret))
+    if spec.model_token_secret:
+        volumes.append(_token_volume("model-token", spec.model_token_secret))
     if spec.output.kind == "volume":
         volumes.append(m.Volume(name="output", **_volume_source(spec.output.volume)))
     else:
@@ -224,10 +220,12 @@ def build(
             flags(model=wf("model"), method=wf("method"), training_config=wf("training-config"),
                   target_modules=wf("target-modules"), compute_dtype=wf("compute-dtype"),
                   max_seq_length=wf("max-seq-length"), gradient_checkpointing=wf("gradient-checkpointing"),
+                  token_file=f"{MODEL_TOKEN_MOUNT}/token" if spec.model_token_secret else "",
                   work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="pod-spec-patch")],
             pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",
-            volume_mounts=[work],
+            volume_mounts=[work, *([m.VolumeMount(name="model-token", mount_path=MODEL_TOKEN_MOUNT, read_only=True)]
+                                   if spec.model_token_secret else [])],
             tolerations=GPU_TOLERATIONS,
             resources=m.ResourceRequirements(limits={"nvidia.com/gpu": m.Quantity(str(max(plan.gpus_requested, 1)))}),
             outputs=_outputs("train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second",
@@ -275,6 +273,13 @@ def build(
                 arguments={"image-ref": task_output("push", "image-ref")},
             )
     return workflow
+
+
+def _token_volume(name: str, secret: str) -> m.Volume:
+    """A Secret's "token" key as a file: credentials travel as mounted files, never as flags or env values."""
+    return m.Volume(
+        name=name, secret=m.SecretVolumeSource(secret_name=secret, items=[m.KeyToPath(key="token", path="token")])
+    )
 
 
 def flags(**values: str) -> list[str]:

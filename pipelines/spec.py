@@ -32,8 +32,9 @@ from pipelines.url_policy import url_problem
 API_VERSIONS = ("kaito.sh/v1alpha1", "kaito.sh/v1beta1")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-# kaitune's one extension to the Workspace: the Secret (key "token") for gated dataset URLs.
+# kaitune's extensions to the Workspace, as annotations: Secrets (key "token") for gated datasets and models.
 INPUT_TOKEN_ANNOTATION = "kaitune.io/input-token-secret"
+MODEL_TOKEN_ANNOTATION = "kaitune.io/model-token-secret"
 
 
 class _Lenient(BaseModel):
@@ -139,6 +140,7 @@ class Spec(BaseModel):
     config_is_default: bool
     training_config: Sections
     config_map: dict[str, Any] | None  # the user's ConfigMap, applied alongside on submit
+    model_token_secret: str | None = None  # a Secret with key "token", for gated base models
     source_dir: Path
     warnings: list[str] = []
 
@@ -202,6 +204,18 @@ def _read_documents(path: Path) -> list[dict[str, Any]]:
             )
         )
     return docs
+
+
+def _secret_annotation(annotations: dict[str, str], key: str, problems: list[Problem]) -> str | None:
+    value = annotations.get(key)
+    if value is not None and not _DNS1123_SUBDOMAIN.match(value):
+        problems.append(
+            Problem(
+                f"metadata.annotations[{key}]", f"{value!r} is not a Secret name", "name a Secret with a 'token' key"
+            )
+        )
+        return None
+    return value
 
 
 def _check_name(doc: WorkspaceDoc, problems: list[Problem]) -> str:
@@ -460,7 +474,8 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
     method = _check_method(tuning, problems)
     source = _check_input(tuning.input, allow_local_urls, problems)
     annotations = (doc.metadata.annotations if doc.metadata else None) or {}
-    token_secret = annotations.get(INPUT_TOKEN_ANNOTATION)
+    token_secret = _secret_annotation(annotations, INPUT_TOKEN_ANNOTATION, problems)
+    model_token_secret = _secret_annotation(annotations, MODEL_TOKEN_ANNOTATION, problems)
     if source is not None and token_secret:
         if source.kind != "urls":
             problems.append(
@@ -468,14 +483,6 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
                     f"metadata.annotations[{INPUT_TOKEN_ANNOTATION}]",
                     "a dataset token applies to input.urls only",
                     "remove the annotation",
-                )
-            )
-        elif not _DNS1123_SUBDOMAIN.match(token_secret):
-            problems.append(
-                Problem(
-                    f"metadata.annotations[{INPUT_TOKEN_ANNOTATION}]",
-                    f"{token_secret!r} is not a Secret name",
-                    "name a Secret with a 'token' key",
                 )
             )
         else:
@@ -509,6 +516,7 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
         config_is_default=is_default,
         training_config=sections,
         config_map=cm,
+        model_token_secret=model_token_secret,
         source_dir=source_dir,
         warnings=warnings,
     )

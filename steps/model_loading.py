@@ -48,11 +48,11 @@ def _torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_tokenizer(source: Path | str, local_only: bool) -> Any:
+def load_tokenizer(source: Path | str, local_only: bool, token: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, token=token)
     except OSError as exc:
         raise BadInput(
             Problem(
@@ -84,6 +84,7 @@ def load_model(
     compute_dtype: str,
     local_only: bool,
     attn_implementation: str | None = None,
+    token: str | None = None,
 ) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -111,7 +112,7 @@ def load_model(
         if torch.cuda.is_available():
             kwargs.setdefault("device_map", "auto")
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, token=token, **kwargs)
     except OSError as exc:
         raise BadInput(
             Problem(

@@ -18,6 +18,7 @@ from pipelines.errors import BadInput, Problem
 from steps import loss_curve, packing
 from steps.chat_tokens import Encoded, encode
 from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
+from steps.http_fetch import read_token
 from steps.lora_training import LoopConfig, LoopResult, schedule, train_loop
 
 log = logging.getLogger("kaitune")
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], required=True)
     p.add_argument("--max-seq-length", type=int, required=True)
     p.add_argument("--gradient-checkpointing", default="false")
+    p.add_argument("--token-file", default="", help="mounted secret file with a Hugging Face token (gated models)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--outputs", type=Path, required=True)
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_dir=args.work / "checkpoints" / key.removeprefix("sha256:")[:16],
         checkpoint_minutes=args.checkpoint_minutes,
     )
-    tokenizer = load_tokenizer(source, local_only)
+    token = read_token(args.token_file)
+    tokenizer = load_tokenizer(source, local_only, token=token)
     train, dropped = _encode_split(tokenizer, data_dir / "train.parquet", args.max_seq_length)
     evaluation, _ = _encode_split(tokenizer, data_dir / "eval.parquet", args.max_seq_length)
     if not train:
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_dtype=args.compute_dtype,
         local_only=local_only,
         attn_implementation=packing.register() if cfg.packing else None,
+        token=token,
     )
     model = add_lora(
         model,

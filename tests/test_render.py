@@ -104,7 +104,10 @@ def test_push_secret_is_a_reference_only() -> None:
 
 def test_dataset_token_secret_is_mounted_not_inlined(tmp_path: Path) -> None:
     doc = yaml.safe_load(SEED.read_text())
-    doc["metadata"]["annotations"] = {"kaitune.io/input-token-secret": "hf-token"}
+    doc["metadata"]["annotations"] = {
+        "kaitune.io/input-token-secret": "hf-token",
+        "kaitune.io/model-token-secret": "hf-model-token",
+    }
     path = tmp_path / "w.yaml"
     path.write_text(yaml.safe_dump(doc))
     rendered_doc = rendered(path)
@@ -116,6 +119,9 @@ def test_dataset_token_secret_is_mounted_not_inlined(tmp_path: Path) -> None:
     assert {"name": "input-token", "mountPath": "/kaitune/secrets/input", "readOnly": True} in fetch["container"][
         "volumeMounts"
     ]
+    train = next(t for t in rendered_doc["spec"]["templates"] if t["name"] == "train")["container"]
+    assert train["args"][train["args"].index("--token-file") + 1] == "/kaitune/secrets/model/token"
+    assert volumes["model-token"]["secret"]["secretName"] == "hf-model-token"
     # Without the annotation there is no token volume and the flag is empty.
     plain = next(t for t in rendered(SEED)["spec"]["templates"] if t["name"] == "fetch-data")["container"]["args"]
     assert plain[plain.index("--token-file") + 1] == ""
