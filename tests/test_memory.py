@@ -113,5 +113,7 @@ def test_kaito_qkv_targets_train_only_o_proj_on_phi3(tiny_phi3: Path) -> None:
     )
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable == lora_trainable_params(TINY_PHI3, 8, ("o_proj",))  # q/k/v silently matched nothing
-    wrapped = {name.rsplit(".", 2)[-2] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    wrapped = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters() if ".lora_A" in name
+    }
     assert wrapped == {"o_proj"}
