@@ -208,6 +208,7 @@ def run(
         overrides = {
             "target": "local",
             "compute-dtype": local_plan.compute_dtype,
+            "train-processes": "auto",  # one per local GPU; one on CPU
             "allow-local-urls": str(allow_local_urls).lower(),
             **_parse_params(param or []),
         }

@@ -74,6 +74,7 @@ def workflow_parameters(spec: Spec, plan: Plan) -> dict[str, str]:
         "target-modules": ",".join(plan.target_modules),
         "max-seq-length": str(plan.knobs.max_seq_length),
         "gradient-checkpointing": str(plan.knobs.gradient_checkpointing).lower(),
+        "train-processes": str(plan.train_processes),
         "allow-local-urls": "false",
         "target": "kubernetes",
     }
@@ -221,6 +222,7 @@ def build(
                   target_modules=wf("target-modules"), compute_dtype=wf("compute-dtype"),
                   max_seq_length=wf("max-seq-length"), gradient_checkpointing=wf("gradient-checkpointing"),
                   token_file=f"{MODEL_TOKEN_MOUNT}/token" if spec.model_token_secret else "",
+                  processes=wf("train-processes"),
                   work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="pod-spec-patch")],
             pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",

@@ -39,8 +39,15 @@ class Plan:
 
     @property
     def gpus_requested(self) -> int:
-        """GPUs the train pod asks for: the whole node when the plan needs more than one."""
-        return self.gpus_needed if self.sku else 0
+        """GPUs the train pod asks for: the whole node. A model that fits one GPU trains data parallel on all
+        of them (one process each); a larger one is split by layers across the GPUs it needs."""
+        if self.sku is None:
+            return 0
+        return self.sku.count if self.gpus_needed == 1 else self.gpus_needed
+
+    @property
+    def train_processes(self) -> int:
+        return self.gpus_requested if self.gpus_needed == 1 and self.gpus_requested > 1 else 1
 
 
 def _local_memory_gib() -> float:

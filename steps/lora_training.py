@@ -12,6 +12,7 @@ with the same adapter as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any
 
 from pipelines.errors import BadInput, Problem
 from steps.chat_tokens import IGNORE_INDEX, Encoded
+from steps.distributed import Dist, sum_across
 from steps.packing import collate_packed, pack
 
 log = logging.getLogger("kaitune")
@@ -219,11 +221,19 @@ def train_loop(
     pad_id: int,
     cfg: LoopConfig,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    dist: Dist | None = None,
 ) -> LoopResult:
     import torch
 
+    dist = dist or Dist()
     torch.manual_seed(cfg.seed)
     device = next(p.device for p in model.parameters())
+    # Data parallel: every rank holds the whole model and takes every world-th micro-batch of each step.
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.enabled
+        else model
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     plan = schedule(train, cfg)
@@ -260,7 +270,7 @@ def train_loop(
             )
         state = restored
         log.info("resuming from the checkpoint at step %d/%d", state["step"], total_steps)
-    else:
+    elif dist.main:
         state["eval_loss_before"] = evaluate(model, evaluation, pad_id, cfg)
         before = state["eval_loss_before"]
         log.info("eval loss before training: %s", f"{before:.4f}" if before is not None else "n/a")
@@ -270,15 +280,26 @@ def train_loop(
     for index in range(resumed_from, total_steps):
         step_loss, step_tokens = 0.0, 0
         labelled = sum(int(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)) for group in plan[index] for e in group)
-        for group in plan[index]:
+        mine = plan[index][dist.rank :: dist.world]
+        # A rank with nothing left in this step still joins the gradient all-reduce, with a zero-weight batch.
+        weight = 1.0 if mine else 0.0
+        mine = mine or plan[index][:1]
+        for i, group in enumerate(mine):
             inputs = _collate(group, cfg, pad_id, device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                losses, _mask = token_losses(model, inputs)
-            loss_sum = losses.sum()
-            # Token-weighted over the whole optimizer step, however the tokens fall into micro-batches.
-            scaler.scale(loss_sum / max(labelled, 1)).backward()
-            step_loss += float(loss_sum.detach())
-            step_tokens += sum(len(e.input_ids) for e in group)
+            last = i == len(mine) - 1
+            with (
+                contextlib.nullcontext() if last or not dist.enabled else net.no_sync(),
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast),
+            ):
+                losses, _mask = token_losses(net, inputs)
+                loss_sum = losses.sum()
+                # Token-weighted over the whole optimizer step, however the tokens fall into micro-batches and
+                # ranks (DistributedDataParallel averages gradients over ranks, hence the world factor).
+                scaler.scale(loss_sum * (weight * dist.world / max(labelled, 1))).backward()
+            step_loss += weight * float(loss_sum.detach())
+            step_tokens += int(weight) * sum(len(e.input_ids) for e in group)
+        step_loss = sum_across(dist, step_loss)
+        step_tokens = int(sum_across(dist, step_tokens))
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         scaler.step(optimizer)
@@ -309,7 +330,7 @@ def train_loop(
             "lr": float(scheduler.get_last_lr()[0]),
             "tokens_per_second": state["tokens"] / max(elapsed, 1e-9),
         }
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if (step % cfg.logging_steps == 0 or step == total_steps) and dist.main:
             state["history"].append(record)
             eta = elapsed / max(step - resumed_from, 1) * (total_steps - step)
             log.info(
@@ -326,11 +347,12 @@ def train_loop(
         due = (cfg.save_steps and step % cfg.save_steps == 0) or (
             cfg.save_minutes and time.monotonic() - last_save >= cfg.save_minutes * 60
         )
-        if cfg.checkpoint_dir and due and step < total_steps:
+        if cfg.checkpoint_dir and due and step < total_steps and dist.main:
             save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state)
             last_save = time.monotonic()
-    eval_after = evaluate(model, evaluation, pad_id, cfg)
-    log.info("eval loss after training: %s", f"{eval_after:.4f}" if eval_after is not None else "n/a")
+    eval_after = evaluate(model, evaluation, pad_id, cfg) if dist.main else None
+    if dist.main:
+        log.info("eval loss after training: %s", f"{eval_after:.4f}" if eval_after is not None else "n/a")
     return LoopResult(
         steps=total_steps,
         tokens=int(state["tokens"]),

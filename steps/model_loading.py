@@ -85,6 +85,7 @@ def load_model(
     local_only: bool,
     attn_implementation: str | None = None,
     token: str | None = None,
+    device: Any = None,
 ) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -109,7 +110,9 @@ def load_model(
             raise BadInput(
                 Problem("training_config.QuantizationConfig", str(exc), "use BitsAndBytesConfig's arguments")
             ) from None
-        if torch.cuda.is_available():
+        if device is not None and device.type == "cuda":
+            kwargs["device_map"] = {"": device.index}  # data parallel: each rank holds the whole model
+        elif torch.cuda.is_available():
             kwargs.setdefault("device_map", "auto")
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, token=token, **kwargs)
@@ -124,7 +127,7 @@ def load_model(
     except TypeError as exc:
         raise BadInput(Problem("training_config.ModelConfig", str(exc), "use from_pretrained's arguments")) from None
     if method == "lora" and torch.cuda.is_available():
-        model = model.to("cuda")
+        model = model.to(device if device is not None else "cuda")
     return model
 
 

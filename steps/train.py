@@ -10,12 +10,13 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import BadInput, Problem
-from steps import loss_curve, packing
+from steps import distributed, loss_curve, packing
 from steps.chat_tokens import Encoded, encode
 from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
 from steps.http_fetch import read_token
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], required=True)
     p.add_argument("--max-seq-length", type=int, required=True)
     p.add_argument("--gradient-checkpointing", default="false")
+    p.add_argument("--processes", default="1", help="data-parallel processes: a number, or auto (one per GPU)")
     p.add_argument("--token-file", default="", help="mounted secret file with a Hugging Face token (gated models)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often")
     p.add_argument("--work", type=Path, required=True)
@@ -164,6 +166,15 @@ def main(argv: list[str] | None = None) -> None:
         log.info("adapter for these inputs is already trained (%s); reusing it", key[:19])
         write_outputs(args.outputs, _outputs(json.loads(summary_path.read_text()), adapter_dir))
         return
+    dist = distributed.current()
+    nproc = distributed.processes_for(args.processes)
+    if nproc > 1 and not dist.enabled:
+        log.info("training with %d processes (one per GPU)", nproc)
+        code = distributed.launch(nproc, "steps.train", sys.argv[1:] if argv is None else argv)
+        if code:
+            sys.exit(code)  # the failing rank already printed its error
+        return
+    device = distributed.init(dist)
 
     from steps.model_loading import add_lora, load_model, load_tokenizer, resolve_base
 
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         local_only=local_only,
         attn_implementation=packing.register() if cfg.packing else None,
         token=token,
+        device=device if dist.enabled else None,
     )
     model = add_lora(
         model,
@@ -217,7 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         progress.total = total
         progress.update(step)
 
-    result = _train_with_clear_oom(model, train, evaluation, tokenizer.pad_token_id, cfg, on_step)
+    result = _train_with_clear_oom(
+        model, train, evaluation, tokenizer.pad_token_id, cfg, on_step if dist.main else None, dist
+    )
+    if not dist.main:
+        distributed.shutdown(dist)
+        return  # rank 0 writes the adapter and the outputs
     summary = {
         "base_model": base_name,
         "method": args.method,
@@ -260,12 +277,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _train_with_clear_oom(
-    model: Any, train: list[Encoded], evaluation: list[Encoded], pad_id: int, cfg: LoopConfig, on_step: Any
+    model: Any,
+    train: list[Encoded],
+    evaluation: list[Encoded],
+    pad_id: int,
+    cfg: LoopConfig,
+    on_step: Any,
+    dist: distributed.Dist,
 ) -> LoopResult:
     import torch
 
     try:
-        return train_loop(model, train, evaluation, pad_id, cfg, on_step)
+        return train_loop(model, train, evaluation, pad_id, cfg, on_step, dist)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise BadInput(
             Problem(

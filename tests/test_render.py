@@ -151,3 +151,16 @@ def test_cli_render_writes_file(tmp_path: Path) -> None:
         timeout=120,
     )
     assert yaml.safe_load(result.stdout)["kind"] == "WorkflowTemplate"
+
+
+def test_model_that_fits_one_gpu_trains_data_parallel_on_the_whole_node(tmp_path: Path) -> None:
+    doc = yaml.safe_load(SEED.read_text())
+    doc["resource"]["instanceType"] = "Standard_NC24s_v3"  # 4 x V100
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    wf = rendered(path)
+    train = next(t for t in wf["spec"]["templates"] if t["name"] == "train")
+    assert train["container"]["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    params = {p["name"]: p["value"] for p in wf["spec"]["arguments"]["parameters"]}
+    assert params["train-processes"] == "4"
+    assert "{{workflow.parameters.train-processes}}" in train["container"]["args"]

@@ -257,3 +257,60 @@ def test_kaito_default_configmaps_are_accepted(work: Path) -> None:
         }
         result = train(work, method, sections, ckpt="true" if method == "qlora" else "false")
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_two_data_parallel_processes_match_one(work: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    # Four micro-batches per step, so each of two ranks takes two and the gradient all-reduce matters.
+    config = {
+        "LoraConfig": {"r": 8, "lora_alpha": 16},
+        "TrainingArguments": {
+            "max_steps": 6,
+            "learning_rate": 0.002,
+            "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 4,
+            "seed": 5,
+        },
+    }
+    single = tmp_path / "single" / "work"
+    shutil.copytree(work, single)
+    assert train(single, "lora", config).returncode == 0
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.train",
+            "--model",
+            "tiny-phi3",
+            "--method",
+            "lora",
+            "--training-config",
+            json.dumps(config),
+            "--target-modules",
+            TARGETS,
+            "--compute-dtype",
+            "float32",
+            "--max-seq-length",
+            "256",
+            "--processes",
+            "2",
+            "--work",
+            str(work),
+            "--outputs",
+            str(work.parent / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training with 2 processes" in result.stderr
+    ours, theirs = _adapter_weights(work / "adapter"), _adapter_weights(single / "adapter")
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-4), key  # type: ignore[arg-type]
+    a = json.loads((work / "adapter" / "training_summary.json").read_text())["metrics"]
+    b = json.loads((single / "adapter" / "training_summary.json").read_text())["metrics"]
+    assert a["tokens"] == b["tokens"] and a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4)
