@@ -56,6 +56,10 @@ def test_assistant_only_labels_and_eos(tiny_phi3: Path) -> None:
     assert tok.pad_token_id != tok.eos_token_id
 
 
+def push(adapter: Path, out: Path, *target: str, model: str = "m") -> subprocess.CompletedProcess[str]:
+    return step("push", "--adapter-dir", str(adapter), "--model-name", model, *target, "--outputs", str(out))
+
+
 def _adapter_dir(tmp_path: Path) -> Path:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -80,18 +84,8 @@ def test_push_writes_kaito_layout_reproducibly(tmp_path: Path) -> None:
     adapter = _adapter_dir(tmp_path)
     digests = []
     for name in ("a", "b"):
-        result = step(
-            "push",
-            "--adapter-dir",
-            str(adapter),
-            "--model-name",
-            "tiny-phi3",
-            "--layout",
-            str(tmp_path / name),
-            "--tag",
-            "0.0.1",
-            "--outputs",
-            str(tmp_path / f"out-{name}"),
+        result = push(
+            adapter, tmp_path / f"out-{name}", "--layout", str(tmp_path / name), "--tag", "0.0.1", model="tiny-phi3"
         )
         assert result.returncode == 0, result.stderr
         digests.append((tmp_path / f"out-{name}" / "digest").read_text())
@@ -115,20 +109,7 @@ def test_push_writes_kaito_layout_reproducibly(tmp_path: Path) -> None:
 
 def test_pull_detects_a_corrupted_blob(tmp_path: Path) -> None:
     adapter = _adapter_dir(tmp_path)
-    assert (
-        step(
-            "push",
-            "--adapter-dir",
-            str(adapter),
-            "--model-name",
-            "m",
-            "--layout",
-            str(tmp_path / "img"),
-            "--outputs",
-            str(tmp_path / "out"),
-        ).returncode
-        == 0
-    )
+    assert push(adapter, tmp_path / "out", "--layout", str(tmp_path / "img")).returncode == 0
     digest = (tmp_path / "out" / "digest").read_text()
     oci_layout.extract(tmp_path / "img", digest, tmp_path / "pulled")
     assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == b"\0" * 1000
@@ -142,33 +123,13 @@ def test_pull_detects_a_corrupted_blob(tmp_path: Path) -> None:
 
 
 def test_push_to_a_registry_is_refused_clearly(tmp_path: Path) -> None:
-    result = step(
-        "push",
-        "--adapter-dir",
-        str(_adapter_dir(tmp_path)),
-        "--model-name",
-        "m",
-        "--image",
-        "myacr.azurecr.io/adapters/phi:1",
-        "--outputs",
-        str(tmp_path / "out"),
-    )
+    result = push(_adapter_dir(tmp_path), tmp_path / "out", "--image", "myacr.azurecr.io/adapters/phi:1")
     assert result.returncode == 2 and "not available in this kaitune version" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_push_without_adapter_is_bad_input(tmp_path: Path) -> None:
-    result = step(
-        "push",
-        "--adapter-dir",
-        str(tmp_path),
-        "--model-name",
-        "m",
-        "--layout",
-        str(tmp_path / "img"),
-        "--outputs",
-        str(tmp_path / "out"),
-    )
+    result = push(tmp_path, tmp_path / "out", "--layout", str(tmp_path / "img"))
     assert result.returncode == 2 and "run the train step first" in result.stderr
 
 

@@ -43,37 +43,40 @@ def work(tmp_path: Path, tiny_phi3: Path) -> Path:
     return tmp_path / "work"
 
 
+def train_cmd(
+    work: Path, method: str, config: dict[str, object], *extra: str, targets: str = TARGETS, ckpt: str = "false"
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "steps.train",
+        "--model",
+        "tiny-phi3",
+        "--method",
+        method,
+        "--training-config",
+        json.dumps(config),
+        "--target-modules",
+        targets,
+        "--compute-dtype",
+        "float32",
+        "--max-seq-length",
+        "256",
+        "--gradient-checkpointing",
+        ckpt,
+        "--work",
+        str(work),
+        "--outputs",
+        str(work.parent / "out"),
+        *extra,
+    ]
+
+
 def train(
-    work: Path, method: str, config: dict[str, object], targets: str = TARGETS, ckpt: str = "false"
+    work: Path, method: str, config: dict[str, object], *extra: str, targets: str = TARGETS, ckpt: str = "false"
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "steps.train",
-            "--model",
-            "tiny-phi3",
-            "--method",
-            method,
-            "--training-config",
-            json.dumps(config),
-            "--target-modules",
-            targets,
-            "--compute-dtype",
-            "float32",
-            "--max-seq-length",
-            "256",
-            "--gradient-checkpointing",
-            ckpt,
-            "--work",
-            str(work),
-            "--outputs",
-            str(work.parent / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return subprocess.run(train_cmd(work, method, config, *extra, targets=targets, ckpt=ckpt), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
 
 
 LORA = {
@@ -166,27 +169,7 @@ def test_kill_9_midway_then_rerun_resumes_and_matches(work: Path, tmp_path: Path
     shutil.copytree(work, reference)
     assert train(reference, "lora", RESUME).returncode == 0
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "steps.train",
-        "--model",
-        "tiny-phi3",
-        "--method",
-        "lora",
-        "--training-config",
-        json.dumps(RESUME),
-        "--target-modules",
-        TARGETS,
-        "--compute-dtype",
-        "float32",
-        "--max-seq-length",
-        "256",
-        "--work",
-        str(work),
-        "--outputs",
-        str(work.parent / "out"),
-    ]
+    cmd = train_cmd(work, "lora", RESUME)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = work / "checkpoints"
     deadline = time.monotonic() + 300
@@ -278,34 +261,7 @@ def test_two_data_parallel_processes_match_one(work: Path, tmp_path: Path) -> No
     single = tmp_path / "single" / "work"
     shutil.copytree(work, single)
     assert train(single, "lora", config).returncode == 0
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "steps.train",
-            "--model",
-            "tiny-phi3",
-            "--method",
-            "lora",
-            "--training-config",
-            json.dumps(config),
-            "--target-modules",
-            TARGETS,
-            "--compute-dtype",
-            "float32",
-            "--max-seq-length",
-            "256",
-            "--processes",
-            "2",
-            "--work",
-            str(work),
-            "--outputs",
-            str(work.parent / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = train(work, "lora", config, "--processes", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training with 2 processes" in result.stderr
     ours, theirs = _adapter_weights(work / "adapter"), _adapter_weights(single / "adapter")
