@@ -99,9 +99,9 @@ def build_model(device: str, targets: list[str], attn: str | None, dtype: str = 
             bos_token_id=tokenizer.eos_token_id,
         )
         config._attn_implementation = attn or "sdpa"
-        model = Phi3ForCausalLM(config)
-        if dtype == "bfloat16":
-            model = model.to(torch.bfloat16)
+        torch.set_default_dtype(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        model = Phi3ForCausalLM(config)  # built in its dtype, as from_pretrained(dtype=...) loads it
+        torch.set_default_dtype(torch.float32)
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=targets)), tokenizer
 
 
@@ -139,11 +139,14 @@ def worker_kaito(rows: list[list[dict[str, str]]], device: str, max_len: int) ->
 
 
 def worker_kaitune(rows: list[list[dict[str, str]]], device: str, max_len: int) -> dict[str, float]:
+    from pipelines.plan import cpu_supports_bf16
     from steps.chat_tokens import encode
     from steps.lora_training import LoopConfig, train_loop
     from steps.packing import register
 
-    model, tokenizer = build_model(device, KAITUNE_TARGETS, register())
+    # The dtype kaitune's plan picks on this machine: bf16 on a GPU or a bf16-capable CPU, else fp32.
+    dtype = "bfloat16" if device == "cuda" or cpu_supports_bf16() else "float32"
+    model, tokenizer = build_model(device, KAITUNE_TARGETS, register(), dtype)
     examples = [encode(tokenizer, r, max_len) for r in rows]
     cfg = LoopConfig(
         epochs=1,
@@ -156,7 +159,7 @@ def worker_kaitune(rows: list[list[dict[str, str]]], device: str, max_len: int) 
         max_steps=0,
         seed=0,
         logging_steps=10_000,
-        compute_dtype="bfloat16" if device == "cuda" else "float32",
+        compute_dtype=dtype,
         packing=True,
         pack_tokens=max_len,
     )

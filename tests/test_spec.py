@@ -13,7 +13,7 @@ import yaml
 from conftest import QUICKSTART, SEED, load_docs
 
 from pipelines.errors import BadInput
-from pipelines.plan import load_and_plan, load_spec
+from pipelines.plan import cpu_supports_bf16, load_and_plan, load_spec
 
 
 def write(tmp_path: Path, *docs: dict[str, Any]) -> Path:
@@ -252,4 +252,4 @@ def test_quickstart_example_validates() -> None:
     docs = load_docs(QUICKSTART)
     assert [d["kind"] for d in docs] == ["Workspace", "ConfigMap"]
     _, plan = load_and_plan(QUICKSTART, local=True)
-    assert plan.compute_dtype == "float32" and plan.fits
+    assert plan.compute_dtype == ("bfloat16" if cpu_supports_bf16() else "float32") and plan.fits
