@@ -39,10 +39,6 @@ class ImageRef:
             text += f"@{self.digest}"
         return text
 
-    def pinned(self, digest: str) -> str:
-        """The reference by digest, which is what deploy must pull."""
-        return f"{self.registry}/{self.repository}@{digest}"
-
     def strict_problem(self) -> str | None:
         host = self.registry
         if not _STRICT_HOST.match(host) and not host.startswith("["):
