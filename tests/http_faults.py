@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -45,7 +46,9 @@ class FaultServer:
                 server.seen.append(Seen(self.path, dict(self.headers.items())))
                 script = server.routes.get(self.path.split("?")[0]) or [Answer(404, b"not found")]
                 answer = script.pop(0) if len(script) > 1 else script[0]
-                self._answer(answer)
+                # The client may give up first: timeouts are among the faults under test.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self._answer(answer)
 
             def _answer(self, a: Answer) -> None:
                 body, status, extra = a.body, a.status, dict(a.headers)
