@@ -44,6 +44,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_collator(sections: dict[str, Any]) -> None:
+    """Kaito's DataCollator section names DataCollatorForLanguageModeling's fields; kaitune collates itself.
+
+    Its fields are checked, and what cannot apply is said out loud rather than silently dropped.
+    """
+    from transformers import DataCollatorForLanguageModeling
+
+    section = sections.get("DataCollator", {})
+    known = {f.name for f in fields(DataCollatorForLanguageModeling)} - {"tokenizer"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise BadInput(
+            Problem(
+                f"training_config.DataCollator.{unknown[0]}",
+                "is not a DataCollatorForLanguageModeling field",
+                f"use: {', '.join(sorted(known))}",
+            )
+        )
+    if section.get("mlm"):
+        log.warning(
+            "DataCollator.mlm is true (Kaito's default); a causal LM is never trained with masked LM, so it is ignored"
+        )
+    ignored = sorted(set(section) - {"mlm"})
+    if ignored:
+        log.warning("DataCollator %s do not apply: kaitune packs examples and masks prompts itself", ignored)
+
+
 def loop_config(
     sections: dict[str, Any],
     compute_dtype: str,
@@ -178,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from steps.model_loading import add_lora, load_model, load_tokenizer, resolve_base
 
+    check_collator(sections)
     source, base_name = resolve_base(args.model)
     local_only = bool(sections.get("ModelConfig", {}).get("local_files_only", False)) or isinstance(source, Path)
     cfg = loop_config(

@@ -131,6 +131,15 @@ def test_target_modules_that_miss_are_bad_input(work: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_data_collator_is_checked_and_mlm_is_never_used(work: Path) -> None:
+    bad = train(work, "lora", {"DataCollator": {"mlm_prob": 0.2}})
+    assert bad.returncode == 2
+    assert "DataCollator.mlm_prob: is not a DataCollatorForLanguageModeling field" in bad.stderr
+    kaito = train(work, "lora", {**LORA, "TrainingArguments": {"max_steps": 1}, "DataCollator": {"mlm": True}})
+    assert kaito.returncode == 0, kaito.stderr[-2000:]
+    assert "DataCollator.mlm is true (Kaito's default)" in kaito.stderr
+
+
 def test_unknown_training_argument_is_bad_input(work: Path) -> None:
     result = train(work, "lora", {"TrainingArguments": {"num_train_epoch": 3}})
     assert result.returncode == 2
