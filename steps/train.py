@@ -44,6 +44,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def reject_unknown_fields(
+    section: str, given: dict[str, Any], cls: Any, exclude: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """A training_config key the library's dataclass does not have is bad input, named by its path."""
+    known = {f.name for f in fields(cls)} - set(exclude)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise BadInput(
+            Problem(
+                f"training_config.{section}.{unknown[0]}",
+                f"is not a {cls.__name__} field",
+                f"see transformers.{cls.__name__} for the accepted arguments",
+            )
+        )
+
+
 def check_collator(sections: dict[str, Any]) -> None:
     """Kaito's DataCollator section names DataCollatorForLanguageModeling's fields; kaitune collates itself.
 
@@ -52,16 +68,7 @@ def check_collator(sections: dict[str, Any]) -> None:
     from transformers import DataCollatorForLanguageModeling
 
     section = sections.get("DataCollator", {})
-    known = {f.name for f in fields(DataCollatorForLanguageModeling)} - {"tokenizer"}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise BadInput(
-            Problem(
-                f"training_config.DataCollator.{unknown[0]}",
-                "is not a DataCollatorForLanguageModeling field",
-                f"use: {', '.join(sorted(known))}",
-            )
-        )
+    reject_unknown_fields("DataCollator", section, DataCollatorForLanguageModeling, exclude={"tokenizer"})
     if section.get("mlm"):
         log.warning(
             "DataCollator.mlm is true (Kaito's default); a causal LM is never trained with masked LM, so it is ignored"
@@ -86,16 +93,7 @@ def loop_config(
     if "warmup_ratio" in raw:
         # transformers 5 folded warmup_ratio into warmup_steps (a value below 1 is a ratio); older configs use it.
         raw["warmup_steps"] = float(raw.pop("warmup_ratio"))
-    known = {f.name for f in fields(TrainingArguments)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise BadInput(
-            Problem(
-                f"training_config.TrainingArguments.{unknown[0]}",
-                "is not a TrainingArguments field",
-                "see transformers.TrainingArguments for the accepted arguments",
-            )
-        )
+    reject_unknown_fields("TrainingArguments", raw, TrainingArguments)
     try:
         args = TrainingArguments(output_dir=str(work / "checkpoints"), report_to="none", **raw)
     except (TypeError, ValueError) as exc:
