@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipelines.errors import EXIT_BAD_INPUT, BadInput, Problem
+from pipelines.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInput, Problem, Transient
 from pipelines.finetune import render as render_workflow
 from pipelines.gpus import skus_by_size
 from pipelines.plan import load_and_plan, load_spec
@@ -47,6 +47,9 @@ def user_errors() -> Iterator[None]:
     except BadInput as exc:
         err.print(exc.render(), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Transient as exc:
+        err.print(f"error: {exc} (transient: try again)", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_TRANSIENT) from None
 
 
 @app.command()
@@ -139,6 +142,29 @@ _KEY_OUTPUTS = {
     "deploy": ["endpoint", "chat-reply"],
 }
 _STYLE = {"Succeeded": "green", "Failed": "red", "Running": "yellow", "Omitted": "dim", "Pending": "dim"}
+
+
+@app.command()
+def pull(
+    reference: Annotated[
+        str, typer.Argument(help="registry/repository:tag, ...@sha256:..., or oci-layout://DIR[:TAG]")
+    ],
+    directory: Annotated[Path, typer.Argument(help="where the image's files go (replaced whole)")],
+    ca_file: Annotated[Path | None, typer.Option(help="PEM bundle that signs the registry's certificate")] = None,
+    plain_http: Annotated[
+        bool | None, typer.Option("--plain-http/--no-plain-http", help="default: plain HTTP only for loopback")
+    ] = None,
+    docker_config: Annotated[Path | None, typer.Option(help="Docker config.json with the login")] = None,
+) -> None:
+    """Pull an adapter (or any /data or ORAS file image), every blob checked against its digest."""
+    from steps.oci.options import RegistryOptions
+    from steps.oci.transfer import pull as pull_image
+
+    with user_errors():
+        result = pull_image(reference, directory, RegistryOptions(plain_http, ca_file, docker_config))
+    out.print(f"{reference}: {result.digest}, {len(result.files)} file(s) in {directory}", markup=False)
+    for name in result.files:
+        out.print(f"  {name}", markup=False, highlight=False)
 
 
 def _steps_table(tasks: list[Any], title: str, final: bool) -> Table:

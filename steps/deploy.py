@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import BadInput, Problem, Transient
-from steps import oci_layout
 from steps.contract import run_step, write_outputs
+from steps.oci import options, transfer
 
 log = logging.getLogger("kaitune")
 SMOKE_PROMPT = "What is the capital of France?"
@@ -36,11 +36,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", choices=["local", "kubernetes"], required=True)
     p.add_argument("--workspace", required=True)
     p.add_argument("--base-model", required=True)
-    p.add_argument("--image-ref", required=True, help="oci-layout://DIR@sha256:... from the push step")
+    p.add_argument(
+        "--image-ref", required=True, help="the push step's image-ref: registry/repo@sha256:... or oci-layout://"
+    )
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--health-timeout", type=float, default=180.0)
     p.add_argument("--outputs", type=Path, required=True)
+    options.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -77,17 +80,6 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_pa
     raise Transient(f"the server at {url} was not healthy within {timeout:.0f}s (log: {log_path})")
 
 
-def pull_adapter(image_ref: str, dest: Path) -> dict[str, Any]:
-    if not image_ref.startswith("oci-layout://") or "@" not in image_ref:
-        raise BadInput(
-            Problem(
-                "image-ref", f"{image_ref!r} is not oci-layout://DIR@DIGEST", "pass the push step's image-ref output"
-            )
-        )
-    layout, digest = image_ref.removeprefix("oci-layout://").rsplit("@", 1)
-    return oci_layout.extract(Path(layout), digest, dest)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.target != "local":
@@ -99,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     adapter_dir = args.work / "serving" / "adapter"
-    manifest = pull_adapter(args.image_ref, adapter_dir)
-    name = manifest.get("annotations", {}).get("sh.kaito.model.name", args.workspace)
+    pulled = transfer.pull(args.image_ref, adapter_dir, options.from_args(args))
+    name = pulled.annotations.get("sh.kaito.model.name", args.workspace)
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = args.work / "serving" / "server.log"

@@ -1,8 +1,8 @@
 """fetch-data: turn ``tuning.input`` into validated train/eval ``messages`` parquet files.
 
 Sources: http(s) URLs (resumable, verified downloads), a mounted volume or local
-path (a file or a directory of shards), or an OCI image layout with data under
-/data. Writes to the work volume ``data/``: train.parquet, eval.parquet,
+path (a file or a directory of shards), or an OCI image (registry or layout) with
+data under /data, digests verified. Writes to the work volume ``data/``: train.parquet, eval.parquet,
 stats.json and bad_rows.jsonl (each skipped row with its reason).
 
 Outputs: rows, bad-rows, train-rows, eval-rows, dataset-digest, token-p50,
@@ -25,11 +25,12 @@ from rich.table import Table
 
 from pipelines.errors import BadInput, Problem
 from pipelines.url_policy import url_problem
-from steps import oci_layout
 from steps.chat_data import BadRow, Columns, Messages, normalize
 from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
 from steps.dataset_files import Record, data_files, read_records
 from steps.http_fetch import Downloader, read_token, terminal_progress
+from steps.oci import options, transfer
+from steps.oci.options import RegistryOptions
 from steps.token_stats import TokenStats, try_measure
 
 log = logging.getLogger("kaitune")
@@ -41,17 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m steps.fetch_data", description=__doc__)
     p.add_argument("--input-kind", choices=["urls", "image", "volume"], required=True)
     p.add_argument("--input-urls", default="[]", help="JSON list of http(s) URLs (#sha256=HEX to verify)")
-    p.add_argument("--input-image", default="", help="oci-layout://DIR[@DIGEST|:TAG]")
+    p.add_argument(
+        "--input-image", default="", help="registry/repo:tag, ...@sha256:..., or oci-layout://DIR[@DIGEST|:TAG]"
+    )
     p.add_argument("--input-path", default="", help="where the input volume is mounted, or a local path")
     p.add_argument("--training-config", default="{}", help="Kaito training_config sections as JSON")
     p.add_argument("--model", default="", help="preset or model id whose tokenizer measures token lengths")
     p.add_argument("--max-seq-length", type=int, default=2048)
     p.add_argument("--token-file", default="", help="mounted secret file with a bearer token for the URLs")
-    p.add_argument("--ca-file", default=None, help="CA bundle for https (verification is never turned off)")
     p.add_argument("--work", type=Path, required=True, help="the work volume")
     p.add_argument("--outputs", type=Path, required=True)
     p.add_argument("--max-bad-fraction", type=float, default=None)
     p.add_argument("--allow-local-urls", default="false")
+    options.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -88,24 +91,9 @@ def _digest(rows: list[Messages]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _image_files(ref: str, work: Path) -> list[Path]:
-    if not ref.startswith("oci-layout://"):
-        raise BadInput(
-            Problem(
-                "tuning.input.image",
-                f"{ref!r}: pulling dataset images from a registry is not available in this kaitune version yet",
-                "use input.urls or input.volumeSource, or an oci-layout:// image",
-            )
-        )
-    location = ref.removeprefix("oci-layout://")
-    if "@" in location:
-        layout, reference = location.rsplit("@", 1)
-    elif ":" in location and "/" not in location.rsplit(":", 1)[1]:
-        layout, reference = location.rsplit(":", 1)
-    else:
-        layout, reference = location, "latest"
+def _image_files(ref: str, work: Path, registry: RegistryOptions) -> list[Path]:
     dest = work / "input-image"
-    oci_layout.extract(Path(layout), reference, dest)
+    transfer.pull(ref, dest, registry)
     return data_files(dest)
 
 
@@ -113,7 +101,7 @@ def gather_files(args: argparse.Namespace, dataset_config: dict[str, Any]) -> li
     if args.input_kind == "volume":
         return data_files(Path(args.input_path))
     if args.input_kind == "image":
-        return _image_files(args.input_image, args.work)
+        return _image_files(args.input_image, args.work, options.from_args(args))
     urls = json.loads(args.input_urls)
     allow_local = args.allow_local_urls.lower() == "true"
     progress = Progress(100)
@@ -126,7 +114,9 @@ def gather_files(args: argparse.Namespace, dataset_config: dict[str, Any]) -> li
         if bar:
             bar(done, total)
 
-    downloader = Downloader(token=read_token(args.token_file), ca_file=args.ca_file, on_progress=on_bytes)
+    downloader = Downloader(
+        token=read_token(args.token_file), ca_file=str(args.ca_file) if args.ca_file else None, on_progress=on_bytes
+    )
     files = []
     for i, url in enumerate(urls):
         why = url_problem(url, allow_local=allow_local)

@@ -12,6 +12,7 @@ import logging
 import shutil
 import sys
 from dataclasses import fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "history": result.history,
         "versions": _versions(),
+        "finished_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
     }
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -297,24 +297,16 @@ def test_token_stats_use_the_presets_tokenizer(tmp_path: Path, kaitune_cache: Pa
 
 
 def test_image_source_from_an_oci_layout(tmp_path: Path) -> None:
-    from steps import adapter_image, oci_layout
+    from steps.oci import adapter_image, layout
 
-    data = tmp_path / "payload"
-    data.mkdir()
-    (data / "adapter_config.json").write_text("{}")  # the image builder requires the adapter pair
-    (data / "adapter_model.safetensors").write_bytes(b"x")
-    (data / "tokenizer.json").write_text(jsonl(ROWS))  # stands in for a data file inside /data
-    image = adapter_image.build(data, {})
-    digest = oci_layout.write_image(tmp_path / "layout", image, "v1")
-    shards = tmp_path / "extracted"
-    oci_layout.extract(tmp_path / "layout", digest, shards)
-    assert sorted(p.name for p in shards.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "tokenizer.json",
-    ]
-    result = fetch(tmp_path, "--input-kind", "image", "--input-image", "myacr.azurecr.io/data:1")
-    assert result.returncode == 2 and "not available in this kaitune version" in result.stderr
+    shard = tmp_path / "train.jsonl"
+    shard.write_text(jsonl(ROWS))
+    image = adapter_image.build_from_files([shard], {}, tmp_path / "staging")
+    layout.write_image(tmp_path / "layout", image, "v1")
+    result = fetch(tmp_path, "--input-kind", "image", "--input-image", f"oci-layout://{tmp_path / 'layout'}:v1")
+    assert result.returncode == 0, result.stderr
+    assert outputs(tmp_path)["rows"] == str(len(ROWS))
+    assert [p.name for p in (tmp_path / "work" / "input-image").iterdir()] == ["train.jsonl"]
 
 
 def test_rerun_reuses_prepared_data(tmp_path: Path) -> None:

@@ -7,13 +7,13 @@ owners and modes fixed, and a gzip header without name or timestamp.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
 import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from steps.oci.blobs import Blob, HashingWriter
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -32,22 +32,6 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-@dataclass(frozen=True)
-class Blob:
-    media_type: str
-    data: bytes
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
-
-    def descriptor(self, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data)}
-        if annotations:
-            out["annotations"] = annotations
-        return out
 
 
 @dataclass(frozen=True)
@@ -71,33 +55,47 @@ def image_files(adapter_dir: Path) -> list[Path]:
     return [adapter_dir / n for n in (*ADAPTER_FILES, *TOKENIZER_FILES) if (adapter_dir / n).is_file()]
 
 
-def layer_tar(files: list[Path]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        directory = tarfile.TarInfo("data")
-        directory.type, directory.mode, directory.mtime = tarfile.DIRTYPE, 0o755, 0
-        tar.addfile(directory)
-        for path in sorted(files, key=lambda p: p.name):
-            info = tarfile.TarInfo(f"data/{path.name}")
-            info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with open(path, "rb") as fh:
-                tar.addfile(info, fh)
-    return buf.getvalue()
+def write_layer(files: list[Path], dest: Path) -> tuple[Blob, str]:
+    """Stream a tar+gzip of ``files`` under ``data/`` into ``dest``; return the blob and the tar's diff_id.
+
+    Streaming keeps memory constant whatever the adapter's size; fixed metadata
+    and a gzip header without name or time make the bytes reproducible.
+    """
+    with open(dest, "wb") as out:
+        compressed = HashingWriter(out)
+        with gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=compressed, mtime=0) as gz:
+            plain = HashingWriter(gz)  # type: ignore[arg-type]
+            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                directory = tarfile.TarInfo("data")
+                directory.type, directory.mode, directory.mtime = tarfile.DIRTYPE, 0o755, 0
+                tar.addfile(directory)
+                for path in sorted(files, key=lambda p: p.name):
+                    info = tarfile.TarInfo(f"data/{path.name}")
+                    info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+    layer = Blob(LAYER_MEDIA_TYPE, compressed.digest, compressed.size, path=dest)
+    return layer, plain.digest
 
 
-def build(adapter_dir: Path, annotations: dict[str, str]) -> AdapterImage:
-    tar = layer_tar(image_files(adapter_dir))
-    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
-    layer = Blob(LAYER_MEDIA_TYPE, gzip.compress(tar, compresslevel=6, mtime=0))
+def build(adapter_dir: Path, annotations: dict[str, str], staging: Path) -> AdapterImage:
+    """Build the adapter's image; the layer is written to ``staging`` (which must outlive the image)."""
+    return build_from_files(image_files(adapter_dir), annotations, staging)
+
+
+def build_from_files(files: list[Path], annotations: dict[str, str], staging: Path) -> AdapterImage:
+    """An image with ``files`` under ``/data`` (adapters, and dataset images for ``input.image``)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    layer, diff_id = write_layer(files, staging / "layer.tar.gz")
     config_doc = {
         "architecture": "amd64",
         "os": "linux",
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
-    config = Blob(CONFIG_MEDIA_TYPE, _canonical(config_doc))
+    config = Blob.of_bytes(CONFIG_MEDIA_TYPE, _canonical(config_doc))
     manifest_doc = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
@@ -105,7 +103,7 @@ def build(adapter_dir: Path, annotations: dict[str, str]) -> AdapterImage:
         "layers": [layer.descriptor()],
         "annotations": dict(sorted(annotations.items())),
     }
-    return AdapterImage(layer, config, Blob(MANIFEST_MEDIA_TYPE, _canonical(manifest_doc)), diff_id)
+    return AdapterImage(layer, config, Blob.of_bytes(MANIFEST_MEDIA_TYPE, _canonical(manifest_doc)), diff_id)
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:

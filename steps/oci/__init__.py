@@ -1,0 +1,1 @@
+"""OCI images: Kaito's adapter image, image layout directories, registries (via oras-py), push and pull."""
