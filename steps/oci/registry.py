@@ -153,7 +153,8 @@ class RegistryClient(oras.provider.Registry):
                 self._send("GET", f"{self.base}/v2/").close()
             except requests.exceptions.SSLError as exc:
                 if any(m in str(exc) for m in PLAIN_HTTP_SIGNS):
-                    self.prefix, self.base = "http", f"http://{api_host(self.registry)}"
+                    self.prefix = "http"
+                    self.base = f"http://{api_host(self.registry)}"
             except requests.RequestException:
                 pass  # the retrying ping below reports it
         response = self._with_retries("GET /v2/", lambda: self._send("GET", f"{self.base}/v2/"))
