@@ -27,6 +27,7 @@ INPUT_MOUNT = "/kaitune/input"
 OUTPUT_MOUNT = "/kaitune/output"
 PUSH_SECRET_MOUNT = "/kaitune/secrets/push"
 INPUT_TOKEN_MOUNT = "/kaitune/secrets/input"
+INPUT_PULL_MOUNT = "/kaitune/secrets/input-pull"
 MODEL_TOKEN_MOUNT = "/kaitune/secrets/model"
 OUTPUTS_DIR = "/tmp/kaitune/outputs"
 EXIT_TRANSIENT = 75
@@ -67,6 +68,7 @@ def workflow_parameters(spec: Spec, plan: Plan) -> dict[str, str]:
         "input-kind": spec.input.kind,
         "input-urls": json.dumps(spec.input.urls),
         "input-image": spec.input.image or "",
+        "input-pull-secret": spec.input.pull_secrets[0] if spec.input.pull_secrets else "",
         "output-image": spec.output.image or "",
         "output-push-secret": spec.output.push_secret or "",
         "adapter-tag": _adapter_tag(spec),
@@ -154,20 +156,14 @@ def build(
         volumes.append(m.Volume(name="input", **_volume_source(spec.input.volume)))
     if spec.input.token_secret:
         volumes.append(_token_volume("input-token", spec.input.token_secret))
+    if spec.input.kind == "image" and spec.input.pull_secrets:
+        volumes.append(_docker_config_volume("input-pull-secret", wf("input-pull-secret")))
     if spec.model_token_secret:
         volumes.append(_token_volume("model-token", spec.model_token_secret))
     if spec.output.kind == "volume":
         volumes.append(m.Volume(name="output", **_volume_source(spec.output.volume)))
     else:
-        volumes.append(
-            m.Volume(
-                name="push-secret",
-                secret=m.SecretVolumeSource(
-                    secret_name=wf("output-push-secret"),
-                    items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")],
-                ),
-            )
-        )
+        volumes.append(_docker_config_volume("push-secret", wf("output-push-secret")))
     cls = WorkflowTemplate if kind == "WorkflowTemplate" else Workflow
     is_template = kind == "WorkflowTemplate"
     work_claim = m.PersistentVolumeClaim(
@@ -206,6 +202,10 @@ def build(
         if spec.input.token_secret:
             fetch_mounts.append(m.VolumeMount(name="input-token", mount_path=INPUT_TOKEN_MOUNT, read_only=True))
             token_file = f"{INPUT_TOKEN_MOUNT}/token"
+        fetch_env = []
+        if spec.input.kind == "image" and spec.input.pull_secrets:
+            fetch_mounts.append(m.VolumeMount(name="input-pull-secret", mount_path=INPUT_PULL_MOUNT, read_only=True))
+            fetch_env = [m.EnvVar(name="DOCKER_CONFIG", value=INPUT_PULL_MOUNT)]
         fetch = _step(
             "fetch-data", images.step, "fetch_data",
             flags(input_kind=wf("input-kind"), input_urls=wf("input-urls"), input_image=wf("input-image"),
@@ -213,6 +213,7 @@ def build(
                   max_seq_length=wf("max-seq-length"), token_file=token_file,
                   allow_local_urls=wf("allow-local-urls"), work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             volume_mounts=fetch_mounts,
+            env=fetch_env,
             outputs=_outputs("rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest", "token-p50",
                              "token-p95", "token-p99", "rows-over-max-length"),
         )  # fmt: skip
@@ -251,7 +252,9 @@ def build(
             flags(target=wf("target"), workspace=wf("workspace"), base_model=wf("model"),
                   image_ref="{{inputs.parameters.image-ref}}", work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="image-ref")],
-            volume_mounts=[work],
+            # The login that pushed the adapter pulls it back (the server's init container does the same).
+            volume_mounts=[work, *push_mounts[1:]] if spec.output.kind == "image" else [work],
+            env=push_env,
             outputs=_outputs("endpoint", "server-pid", "chat-reply", "curl"),
         )  # fmt: skip
         _step("cleanup", images.step, "cleanup",
@@ -275,6 +278,16 @@ def build(
                 arguments={"image-ref": task_output("push", "image-ref")},
             )
     return workflow
+
+
+def _docker_config_volume(name: str, secret: str) -> m.Volume:
+    """A kubernetes.io/dockerconfigjson secret as ``config.json``, the file $DOCKER_CONFIG names."""
+    return m.Volume(
+        name=name,
+        secret=m.SecretVolumeSource(
+            secret_name=secret, items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")]
+        ),
+    )
 
 
 def _token_volume(name: str, secret: str) -> m.Volume:

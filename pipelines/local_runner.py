@@ -105,6 +105,11 @@ def _seconds(text: str | None) -> float:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
+def _is_docker_login(volume: dict[str, Any]) -> bool:
+    """A kubernetes.io/dockerconfigjson secret volume (a registry login)."""
+    return any(item.get("key") == ".dockerconfigjson" for item in volume.get("secret", {}).get("items", []))
+
+
 class LocalRunner:
     def __init__(
         self,
@@ -160,7 +165,7 @@ class LocalRunner:
                 refuse(f"spec.{key}", key)
         for i, vol in enumerate(self.spec.get("volumes", [])):
             kinds = set(vol) - {"name"}
-            if kinds - {"hostPath", "emptyDir"}:
+            if kinds - {"hostPath", "emptyDir"} and not _is_docker_login(vol):
                 refuse(f"spec.volumes[{i}]", f"volume type {sorted(kinds)[0]!r}")
         entry = self.templates.get(self.spec.get("entrypoint", ""))
         if entry is None or "dag" not in entry:
@@ -256,6 +261,10 @@ class LocalRunner:
         if name in self.volumes:
             return self.volumes[name]
         for vol in self.spec.get("volumes", []):
+            if vol["name"] == name and _is_docker_login(vol):
+                # A registry login is, locally, the user's own Docker config: what `docker push` would use.
+                self.volumes[name] = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+                return self.volumes[name]
             if vol["name"] == name and "hostPath" in vol:
                 path = Path(vol["hostPath"]["path"])
                 self.volumes[name] = path if path.is_absolute() else (self.base_dir / path).resolve()

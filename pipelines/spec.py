@@ -296,7 +296,9 @@ def _check_method(tuning: TuningBlock, problems: list[Problem]) -> Literal["lora
     return None
 
 
-def _check_input(block: InputBlock | None, allow_local_urls: bool, problems: list[Problem]) -> InputSource | None:
+def _check_input(
+    block: InputBlock | None, allow_local_urls: bool, problems: list[Problem], warnings: list[str]
+) -> InputSource | None:
     given = [k for k in ("urls", "image", "volumeSource") if block is not None and getattr(block, k)]
     if len(given) != 1:
         what = "none is set" if not given else f"{' and '.join(given)} are all set"
@@ -329,7 +331,13 @@ def _check_input(block: InputBlock | None, allow_local_urls: bool, problems: lis
                 Problem("tuning.input.image", f"{block.image!r}: {exc}", "write it as registry/repository:tag")
             )
             return None
-        return InputSource(kind="image", image=block.image, pull_secrets=block.imagePullSecrets or [])
+        secrets = block.imagePullSecrets or []
+        if len(secrets) > 1:
+            warnings.append(
+                f"tuning.input.imagePullSecrets: only the first secret ({secrets[0]!r}) is used to pull "
+                f"{block.image}; merge the logins into one kubernetes.io/dockerconfigjson secret"
+            )
+        return InputSource(kind="image", image=block.image, pull_secrets=secrets)
     return InputSource(kind="volume", volume=block.volumeSource)
 
 
@@ -472,7 +480,7 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
     tuning = doc.tuning
     preset_name = _check_preset(tuning, problems)
     method = _check_method(tuning, problems)
-    source = _check_input(tuning.input, allow_local_urls, problems)
+    source = _check_input(tuning.input, allow_local_urls, problems, warnings)
     annotations = (doc.metadata.annotations if doc.metadata else None) or {}
     token_secret = _secret_annotation(annotations, INPUT_TOKEN_ANNOTATION, problems)
     model_token_secret = _secret_annotation(annotations, MODEL_TOKEN_ANNOTATION, problems)

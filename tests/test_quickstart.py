@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -15,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import EXAMPLES
+from registry_server import run_registry
+
+from steps.oci import transfer
+from steps.oci.options import RegistryOptions
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +33,15 @@ def copy_example(tmp_path: Path) -> Path:
     return tmp_path / "examples" / "quickstart.yaml"
 
 
-def kaitune_run(spec: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def kaitune_run(
+    spec: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", str(spec), "--run-dir", str(run_dir), *extra],
         capture_output=True,
         text=True,
         timeout=600,
-        env=os.environ.copy(),
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -80,11 +88,30 @@ def test_quickstart_runs_all_five_steps(tmp_path: Path, kaitune_cache: Path) -> 
     layout = tmp_path / "runs" / "quickstart" / "adapter-image"
     assert json.loads((layout / "index.json").read_text())["manifests"][0]["digest"] == outputs["push"]["digest"]
     assert not alive(int(outputs["deploy"]["server-pid"]))
-    # Training is seeded and the image is reproducible: a second, independent run gives the same digest.
-    again = kaitune_run(spec, tmp_path / "run2")
-    assert again.returncode == 0, again.stderr[-3000:]
-    second = {t["name"]: t["outputs"] for t in json.loads((tmp_path / "run2" / "summary.json").read_text())["tasks"]}
-    assert second["push"]["digest"] == outputs["push"]["digest"]
+    # Training is seeded and the image is reproducible: a second, independent run pushing to a registry
+    # that needs a login (the user's Docker config, as `docker push` uses) gives the same layer, and
+    # deploy pulls the adapter back from that registry.
+    with run_registry(tmp_path / "registry", htpasswd={"dev": "local-pass"}) as registry:
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        auth = base64.b64encode(b"dev:local-pass").decode()
+        (docker / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+        doc = list(yaml.safe_load_all(spec.read_text()))
+        doc[0]["tuning"]["output"] = {"image": f"{registry.host}/adapters/quickstart:0.1", "imagePushSecret": "login"}
+        to_registry = spec.with_name("to-registry.yaml")
+        to_registry.write_text(yaml.safe_dump_all(doc))
+        again = kaitune_run(to_registry, tmp_path / "run2", env={"DOCKER_CONFIG": str(docker)})
+        assert again.returncode == 0, again.stderr[-3000:]
+        second = {
+            t["name"]: t["outputs"] for t in json.loads((tmp_path / "run2" / "summary.json").read_text())["tasks"]
+        }
+        assert second["push"]["image-ref"] == f"{registry.host}/adapters/quickstart@{second['push']['digest']}"
+        assert second["deploy"]["chat-reply"].strip()
+        pushed = transfer.pull(second["push"]["image-ref"], tmp_path / "pulled", RegistryOptions(docker_config=docker))
+    assert pushed.annotations["sh.kaito.model.name"] == "tiny-phi3"
+    transfer.pull(f"oci-layout://{layout}@{outputs['push']['digest']}", tmp_path / "local")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "pulled" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     # The workflow the runner executed is the one `kaitune render` writes.
     rendered = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "render", str(spec)], capture_output=True, text=True, timeout=120

@@ -127,6 +127,23 @@ def test_dataset_token_secret_is_mounted_not_inlined(tmp_path: Path) -> None:
     assert plain[plain.index("--token-file") + 1] == ""
 
 
+def test_dataset_image_pull_secret_becomes_fetch_datas_docker_config(tmp_path: Path) -> None:
+    doc = yaml.safe_load(SEED.read_text())
+    doc["tuning"]["input"] = {"image": "myacr.azurecr.io/datasets/chat:1", "imagePullSecrets": ["acr-pull", "other"]}
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    rendered_doc = rendered(path)
+    volumes = {v["name"]: v for v in rendered_doc["spec"]["volumes"]}
+    assert volumes["input-pull-secret"]["secret"]["secretName"] == "{{workflow.parameters.input-pull-secret}}"
+    params = {p["name"]: p.get("value") for p in rendered_doc["spec"]["arguments"]["parameters"]}
+    assert params["input-pull-secret"] == "acr-pull" and params["input-image"] == "myacr.azurecr.io/datasets/chat:1"
+    fetch = next(t for t in rendered_doc["spec"]["templates"] if t["name"] == "fetch-data")["container"]
+    assert {"name": "DOCKER_CONFIG", "value": "/kaitune/secrets/input-pull"} in fetch["env"]
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(path)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and "only the first secret ('acr-pull')" in result.stderr
+
+
 def test_gitops_template_is_in_sync(regen_golden: bool) -> None:
     text = to_yaml(rendered(SEED, "WorkflowTemplate"))
     if regen_golden:

@@ -84,6 +84,7 @@ class _Interrupted(Exception):
 
 class RegistryClient(oras.provider.Registry):
     prefix: str  # "https" or "http", set by oras-py's constructor and by the plain-HTTP fallback
+
     def __init__(
         self, registry: str, options: RegistryOptions | None = None, credentials: Credentials | None = None
     ) -> None:
