@@ -240,13 +240,18 @@ def run_registry(
 
 
 class CuttingProxy:
-    """A TCP proxy to ``upstream`` that drops the first connection whose upload passes ``cut_after`` bytes."""
+    """A TCP proxy to ``upstream`` that drops the first connection whose upload passes ``cut_after`` bytes.
 
-    def __init__(self, upstream: str, cut_after: int) -> None:
+    ``uploaded`` counts every byte clients sent through it (the benchmarks' bytes-on-the-wire figure).
+    """
+
+    def __init__(self, upstream: str, cut_after: int | None = None) -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.cut_after = cut_after
         self.cuts = 0
+        self.uploaded = 0
+        self._lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self._threads: list[threading.Thread] = []
@@ -290,7 +295,10 @@ class CuttingProxy:
             if not data:
                 break
             sent += len(data)
-            if count and self.cuts == 0 and sent > self.cut_after:
+            if count:
+                with self._lock:
+                    self.uploaded += len(data)
+            if count and self.cut_after is not None and self.cuts == 0 and sent > self.cut_after:
                 self.cuts += 1
                 for s in both:  # a hard cut, mid-body
                     with contextlib.suppress(OSError):
