@@ -299,3 +299,33 @@ def test_bad_references_are_clear_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not a valid hostname" in result.stderr
     with pytest.raises(Transient):
         transfer.pull(f"127.0.0.1:{free_port()}/a/b:1", tmp_path / "q", RegistryOptions(retry=RetryPolicy(attempts=1)))
+
+
+def test_fetch_data_pulls_a_dataset_image_with_its_pull_secret(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(30)
+    ]
+    shard = tmp_path / "train.jsonl"
+    shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    image = adapter_image.build_from_files([shard], {}, tmp_path / "staging")
+    with run_registry(tmp_path / "registry", htpasswd={USER: PASSWORD}) as registry:
+        config = docker_config(tmp_path, registry.host)
+        ref = f"{registry.host}/datasets/chat:1"
+        transfer.push(image, ref, RegistryOptions(docker_config=config))
+        result = subprocess.run(
+            [sys.executable, "-m", "steps.fetch_data", "--input-kind", "image", "--input-image", ref,
+             "--work", str(tmp_path / "work"), "--outputs", str(tmp_path / "out"), "--training-config", "{}"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "DOCKER_CONFIG": str(config.parent)},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "out" / "rows").read_text() == "30"
+        empty = tmp_path / "no-login"
+        empty.mkdir()
+        no_login = subprocess.run(
+            [sys.executable, "-m", "steps.fetch_data", "--input-kind", "image", "--input-image", ref,
+             "--work", str(tmp_path / "w2"), "--outputs", str(tmp_path / "o2"), "--training-config", "{}"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "DOCKER_CONFIG": str(empty)},
+        )  # fmt: skip
+        assert no_login.returncode == 2 and "needs credentials" in no_login.stderr, no_login.stderr
+        assert "imagePushSecret" in no_login.stderr or "docker login" in no_login.stderr

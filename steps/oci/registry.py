@@ -266,8 +266,8 @@ class RegistryClient(oras.provider.Registry):
         return Problem(
             self.registry,
             f"needs credentials and none were found for it in {config_file(self.options.docker_config)}",
-            "log in (docker login / az acr login), or give tuning.output.imagePushSecret a "
-            "kubernetes.io/dockerconfigjson secret for this registry",
+            "log in (docker login / az acr login), or name a kubernetes.io/dockerconfigjson secret for it: "
+            "tuning.output.imagePushSecret to push, tuning.input.imagePullSecrets to pull",
         )
 
     def _denied(self, status: int, scope: str, token_server: bool = False) -> Problem:
