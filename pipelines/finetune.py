@@ -29,6 +29,7 @@ PUSH_SECRET_MOUNT = "/kaitune/secrets/push"
 INPUT_TOKEN_MOUNT = "/kaitune/secrets/input"
 INPUT_PULL_MOUNT = "/kaitune/secrets/input-pull"
 MODEL_TOKEN_MOUNT = "/kaitune/secrets/model"
+MODEL_PULL_MOUNT = "/kaitune/secrets/model-pull"
 OUTPUTS_DIR = "/tmp/kaitune/outputs"
 EXIT_TRANSIENT = 75
 GPU_TOLERATIONS = [
@@ -61,6 +62,8 @@ def workflow_parameters(spec: Spec, plan: Plan) -> dict[str, str]:
         "preset": preset.name,
         "model": preset.name if preset.local_only else preset.hf_id,
         "method": spec.method,
+        "model-image": spec.model_image or "",
+        "model-image-pull-secret": spec.model_image_pull_secret or "",
         "instance-type": spec.instance_type or "",
         "label-selector": json.dumps(spec.label_selector, sort_keys=True),
         "training-config": json.dumps(spec.training_config, sort_keys=True),
@@ -159,7 +162,9 @@ def build(
     if spec.input.kind == "image" and spec.input.pull_secrets:
         volumes.append(_docker_config_volume("input-pull-secret", wf("input-pull-secret")))
     if spec.model_token_secret:
-        volumes.append(_token_volume("model-token", spec.model_token_secret))
+        volumes.append(_token_volume("model-token", spec.model_token_secret, spec.model_token_key))
+    if spec.model_image and spec.model_image_pull_secret:
+        volumes.append(_docker_config_volume("model-pull-secret", wf("model-image-pull-secret")))
     if spec.output.kind == "volume":
         volumes.append(m.Volume(name="output", **_volume_source(spec.output.volume)))
     else:
@@ -217,18 +222,24 @@ def build(
             outputs=_outputs("rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest", "token-p50",
                              "token-p95", "token-p99", "rows-over-max-length"),
         )  # fmt: skip
+        train_mounts, train_env = [work], []
+        if spec.model_token_secret:
+            train_mounts.append(m.VolumeMount(name="model-token", mount_path=MODEL_TOKEN_MOUNT, read_only=True))
+        if spec.model_image and spec.model_image_pull_secret:
+            train_mounts.append(m.VolumeMount(name="model-pull-secret", mount_path=MODEL_PULL_MOUNT, read_only=True))
+            train_env.append(m.EnvVar(name="DOCKER_CONFIG", value=MODEL_PULL_MOUNT))
         train = _step(
             "train", images.train, "train",
             flags(model=wf("model"), method=wf("method"), training_config=wf("training-config"),
                   target_modules=wf("target-modules"), compute_dtype=wf("compute-dtype"),
                   max_seq_length=wf("max-seq-length"), gradient_checkpointing=wf("gradient-checkpointing"),
                   token_file=f"{MODEL_TOKEN_MOUNT}/token" if spec.model_token_secret else "",
-                  processes=wf("train-processes"),
+                  processes=wf("train-processes"), model_image=wf("model-image"),
                   work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="pod-spec-patch")],
             pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",
-            volume_mounts=[work, *([m.VolumeMount(name="model-token", mount_path=MODEL_TOKEN_MOUNT, read_only=True)]
-                                   if spec.model_token_secret else [])],
+            volume_mounts=train_mounts,
+            env=train_env,
             tolerations=GPU_TOLERATIONS,
             resources=m.ResourceRequirements(limits={"nvidia.com/gpu": m.Quantity(str(max(plan.gpus_requested, 1)))}),
             outputs=_outputs("train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second",
@@ -290,10 +301,10 @@ def _docker_config_volume(name: str, secret: str) -> m.Volume:
     )
 
 
-def _token_volume(name: str, secret: str) -> m.Volume:
-    """A Secret's "token" key as a file: credentials travel as mounted files, never as flags or env values."""
+def _token_volume(name: str, secret: str, key: str = "token") -> m.Volume:
+    """A Secret's token key as the file ``token``: credentials travel as mounted files, never flags or env values."""
     return m.Volume(
-        name=name, secret=m.SecretVolumeSource(secret_name=secret, items=[m.KeyToPath(key="token", path="token")])
+        name=name, secret=m.SecretVolumeSource(secret_name=secret, items=[m.KeyToPath(key=key, path="token")])
     )
 
 

@@ -54,8 +54,16 @@ class ResourceBlock(_Lenient):
     preferredNodes: list[str] | None = None
 
 
+class PresetOptionsBlock(_Lenient):
+    image: str | None = None  # Kaito's private-mode weights image
+    imagePullSecrets: list[str] | None = None
+    modelAccessSecret: str | None = None  # a Secret with key HF_TOKEN (Kaito's name for it)
+
+
 class PresetBlock(_Lenient):
     name: str | None = None
+    accessMode: str | None = None
+    presetOptions: PresetOptionsBlock | None = None
 
 
 class InputBlock(_Lenient):
@@ -140,7 +148,10 @@ class Spec(BaseModel):
     config_is_default: bool
     training_config: Sections
     config_map: dict[str, Any] | None  # the user's ConfigMap, applied alongside on submit
-    model_token_secret: str | None = None  # a Secret with key "token", for gated base models
+    model_token_secret: str | None = None  # a Secret holding a Hugging Face token, for gated base models
+    model_token_key: str = "token"  # its key: "token" (kaitune's annotation) or "HF_TOKEN" (Kaito's presetOptions)
+    model_image: str | None = None  # base weights from an OCI image (Kaito's presetOptions.image)
+    model_image_pull_secret: str | None = None
     source_dir: Path
     warnings: list[str] = []
 
@@ -283,6 +294,41 @@ def _check_preset(tuning: TuningBlock, problems: list[Problem]) -> str:
         problems.append(Problem("tuning.preset.name", f"unknown preset {name!r}", f"use one of: {known}"))
         return ""
     return preset.name
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    image: str | None = None
+    pull_secret: str | None = None
+    access_secret: str | None = None
+
+
+def _check_model_source(tuning: TuningBlock, problems: list[Problem], warnings: list[str]) -> ModelSource:
+    """Kaito's ``presetOptions``: a private weights image and its pull secret, or a gated model's HF token."""
+    preset = tuning.preset
+    options = preset.presetOptions if preset else None
+    mode = (preset.accessMode or "public").lower() if preset else "public"
+    if mode not in ("public", "private"):
+        problems.append(Problem("tuning.preset.accessMode", f"is {mode!r}", "use public or private"))
+    image = options.image if options else None
+    if mode == "private" and not image:
+        problems.append(
+            Problem("tuning.preset.presetOptions.image", "is required when accessMode is private",
+                    "name the image that holds the model weights")
+        )  # fmt: skip
+    if image:
+        try:
+            image_ref.parse(image)
+        except ValueError as exc:
+            problems.append(Problem("tuning.preset.presetOptions.image", f"{image!r}: {exc}",
+                                    "write it as registry/repository:tag"))  # fmt: skip
+    secrets = (options.imagePullSecrets if options else None) or []
+    if len(secrets) > 1:
+        warnings.append(
+            f"tuning.preset.presetOptions.imagePullSecrets: only the first secret ({secrets[0]!r}) is used; "
+            "merge the logins into one kubernetes.io/dockerconfigjson secret"
+        )
+    return ModelSource(image, secrets[0] if secrets else None, options.modelAccessSecret if options else None)
 
 
 def _check_method(tuning: TuningBlock, problems: list[Problem]) -> Literal["lora", "qlora"] | None:
@@ -484,6 +530,10 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
     annotations = (doc.metadata.annotations if doc.metadata else None) or {}
     token_secret = _secret_annotation(annotations, INPUT_TOKEN_ANNOTATION, problems)
     model_token_secret = _secret_annotation(annotations, MODEL_TOKEN_ANNOTATION, problems)
+    model_source = _check_model_source(tuning, problems, warnings)
+    model_token_key = "token"
+    if model_source.access_secret and not model_token_secret:
+        model_token_secret, model_token_key = model_source.access_secret, "HF_TOKEN"
     if source is not None and token_secret:
         if source.kind != "urls":
             problems.append(
@@ -525,6 +575,9 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
         training_config=sections,
         config_map=cm,
         model_token_secret=model_token_secret,
+        model_token_key=model_token_key,
+        model_image=model_source.image,
+        model_image_pull_secret=model_source.pull_secret,
         source_dir=source_dir,
         warnings=warnings,
     )

@@ -37,7 +37,14 @@ def data_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p) is not None)
+        # Hidden files are never shards: editors' and macOS's litter, and kaitune's own pull marker.
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and file_format(p) is not None
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if files:
             return files
         raise BadInput(

@@ -22,6 +22,7 @@ from steps.chat_tokens import Encoded, encode
 from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
 from steps.http_fetch import read_token
 from steps.lora_training import LoopConfig, LoopResult, schedule, train_loop
+from steps.oci import options
 
 log = logging.getLogger("kaitune")
 # trl-style keys users put in TrainingArguments; the plan reads them, TrainingArguments does not know them.
@@ -39,9 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", default="false")
     p.add_argument("--processes", default="1", help="data-parallel processes: a number, or auto (one per GPU)")
     p.add_argument("--token-file", default="", help="mounted secret file with a Hugging Face token (gated models)")
+    p.add_argument("--model-image", default="", help="OCI image with the base weights (Kaito's presetOptions.image)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--outputs", type=Path, required=True)
+    options.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -138,10 +141,11 @@ def _encode_split(tokenizer: Any, path: Path, max_len: int) -> tuple[list[Encode
     return kept, len(encoded) - len(kept)
 
 
-def config_hash(args: argparse.Namespace, dataset_digest: str) -> str:
+def config_hash(args: argparse.Namespace, dataset_digest: str, weights_ref: str = "") -> str:
     key = json.dumps(
         {
             "model": args.model,
+            "weights": weights_ref,
             "method": args.method,
             "config": json.loads(args.training_config),
             "targets": args.target_modules,
@@ -178,6 +182,22 @@ def _outputs(summary: dict[str, Any], adapter: Path) -> dict[str, str]:
     }
 
 
+def pull_weights(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """Base weights from an OCI image into the work volume (kept across reruns): the directory, the pinned ref."""
+    if not args.model_image:
+        return None, ""
+    from steps.oci import transfer, unpack
+
+    dest = args.work / "base-model"
+    pulled = transfer.pull(args.model_image, dest, options.from_args(args), reuse=True, roots=unpack.WEIGHTS_ROOTS)
+    if not (dest / "config.json").is_file():
+        raise BadInput(
+            Problem("tuning.preset.presetOptions.image", f"{args.model_image} holds no config.json",
+                    "the image must carry a Hugging Face model directory under /data or /workspace/tfs/weights")
+        )  # fmt: skip
+    return dest, pulled.pinned(args.model_image)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sections = json.loads(args.training_config)
@@ -186,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     if not stats_path.exists():
         raise BadInput(Problem(str(data_dir), "has no prepared dataset", "run fetch-data first"))
     stats = json.loads(stats_path.read_text())
-    key = config_hash(args, stats["digest"])
+    weights_dir, weights_ref = pull_weights(args)
+    key = config_hash(args, stats["digest"], weights_ref)
     summary_path = adapter_dir / "training_summary.json"
     if summary_path.exists() and json.loads(summary_path.read_text()).get("config_hash") == key:
         log.info("adapter for these inputs is already trained (%s); reusing it", key[:19])
@@ -206,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
 
     check_collator(sections)
     source, base_name = resolve_base(args.model)
+    if weights_dir is not None:
+        source = weights_dir  # the same model, from the image; the adapter still names its portable id
     local_only = bool(sections.get("ModelConfig", {}).get("local_files_only", False)) or isinstance(source, Path)
     cfg = loop_config(
         sections,
@@ -267,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         "method": args.method,
         "config_hash": key,
         "dataset_digest": stats["digest"],
+        "base_model_image": weights_ref or None,
         "target_modules": args.target_modules.split(","),
         "compute_dtype": args.compute_dtype,
         "metrics": {

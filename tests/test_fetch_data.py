@@ -306,7 +306,10 @@ def test_image_source_from_an_oci_layout(tmp_path: Path) -> None:
     result = fetch(tmp_path, "--input-kind", "image", "--input-image", f"oci-layout://{tmp_path / 'layout'}:v1")
     assert result.returncode == 0, result.stderr
     assert outputs(tmp_path)["rows"] == str(len(ROWS))
-    assert [p.name for p in (tmp_path / "work" / "input-image").iterdir()] == ["train.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "work" / "input-image").iterdir()) == [
+        ".kaitune-image.json",
+        "train.jsonl",
+    ]
 
 
 def test_rerun_reuses_prepared_data(tmp_path: Path) -> None:

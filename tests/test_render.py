@@ -144,6 +144,35 @@ def test_dataset_image_pull_secret_becomes_fetch_datas_docker_config(tmp_path: P
     assert result.returncode == 0 and "only the first secret ('acr-pull')" in result.stderr
 
 
+def test_kaito_preset_options_give_a_weights_image_and_a_model_access_secret(tmp_path: Path) -> None:
+    doc = yaml.safe_load(SEED.read_text())
+    doc["tuning"]["preset"] = {
+        "name": doc["tuning"]["preset"]["name"],
+        "accessMode": "private",
+        "presetOptions": {"image": "myacr.azurecr.io/kaito/phi-3:0.1", "imagePullSecrets": ["acr-pull"],
+                          "modelAccessSecret": "hf-access"},
+    }  # fmt: skip
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    rendered_doc = rendered(path)
+    volumes = {v["name"]: v for v in rendered_doc["spec"]["volumes"]}
+    assert volumes["model-token"]["secret"]["items"] == [{"key": "HF_TOKEN", "path": "token"}]
+    assert volumes["model-pull-secret"]["secret"]["secretName"] == "{{workflow.parameters.model-image-pull-secret}}"
+    train = next(t for t in rendered_doc["spec"]["templates"] if t["name"] == "train")["container"]
+    assert train["args"][train["args"].index("--model-image") + 1] == "{{workflow.parameters.model-image}}"
+    assert {"name": "DOCKER_CONFIG", "value": "/kaitune/secrets/model-pull"} in train["env"]
+    params = {p["name"]: p.get("value") for p in rendered_doc["spec"]["arguments"]["parameters"]}
+    assert (
+        params["model-image"] == "myacr.azurecr.io/kaito/phi-3:0.1" and params["model-image-pull-secret"] == "acr-pull"
+    )
+    # Kaito's rule: a private preset must name its image.
+    del doc["tuning"]["preset"]["presetOptions"]["image"]
+    path.write_text(yaml.safe_dump(doc))
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(path)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "tuning.preset.presetOptions.image: is required" in result.stderr
+
+
 def test_gitops_template_is_in_sync(regen_golden: bool) -> None:
     text = to_yaml(rendered(SEED, "WorkflowTemplate"))
     if regen_golden:

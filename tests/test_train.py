@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +168,6 @@ def _adapter_weights(adapter: Path) -> dict[str, object]:
 
 
 def test_kill_9_midway_then_rerun_resumes_and_matches(work: Path, tmp_path: Path) -> None:
-    import shutil
     import signal
     import time
 
@@ -252,7 +252,6 @@ def test_kaito_default_configmaps_are_accepted(work: Path) -> None:
 
 
 def test_two_data_parallel_processes_match_one(work: Path, tmp_path: Path) -> None:
-    import shutil
 
     import torch
 
@@ -279,3 +278,36 @@ def test_two_data_parallel_processes_match_one(work: Path, tmp_path: Path) -> No
     a = json.loads((work / "adapter" / "training_summary.json").read_text())["metrics"]
     b = json.loads((single / "adapter" / "training_summary.json").read_text())["metrics"]
     assert a["tokens"] == b["tokens"] and a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4)
+
+
+def test_base_weights_come_from_an_oci_image_in_a_registry(work: Path, tiny_phi3: Path, tmp_path: Path) -> None:
+    """Kaito's presetOptions.image: the weights are pulled (digest-verified), kept for reruns, and used."""
+    import torch
+    from registry_server import run_registry
+    from safetensors.torch import load_file, save_file
+
+    from steps.oci import adapter_image, transfer
+
+    # The image's weights differ from the cached tiny-phi3, so the loss before training tells which were used.
+    weights = tmp_path / "image-weights"
+    shutil.copytree(tiny_phi3, weights)
+    tensors = load_file(weights / "model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in tensors.items()}, weights / "model.safetensors")
+    image = adapter_image.build_from_files(sorted(weights.iterdir()), {}, tmp_path / "staging")
+    one_step = {**LORA, "TrainingArguments": {**LORA["TrainingArguments"], "max_steps": 1}}
+    with run_registry(tmp_path / "registry") as registry:
+        pushed = transfer.push(image, f"{registry.host}/kaito/tiny-phi3-weights:0.1")
+        result = train(work, "lora", one_step, "--model-image", f"{registry.host}/kaito/tiny-phi3-weights:0.1")
+        assert result.returncode == 0, result.stderr
+        assert "pulled" in result.stderr
+        summary = json.loads((work / "adapter" / "training_summary.json").read_text())
+        assert summary["base_model_image"] == f"{registry.host}/kaito/tiny-phi3-weights@{pushed.digest}"
+        assert summary["base_model"] == "kaitune/tiny-phi3"  # the portable id, not the pull directory
+        from_image = float((work.parent / "out" / "eval-loss-before").read_text())
+        pulls = registry.requests("GET", r"/v2/kaito/tiny-phi3-weights/blobs/\S+")
+    shutil.rmtree(work / "adapter")
+    from_cache = train(work, "lora", one_step)
+    assert from_cache.returncode == 0, from_cache.stderr
+    assert abs(float((work.parent / "out" / "eval-loss-before").read_text()) - from_image) > 1e-3
+    assert pulls == 2  # the config and the one layer, once

@@ -41,6 +41,13 @@ class PullResult:
     files: list[str]
     annotations: dict[str, str]
 
+    def pinned(self, reference: str) -> str:
+        """``reference`` pinned to the pulled digest (tag dropped): what lineage records."""
+        if reference.startswith(LAYOUT_SCHEME):
+            return f"{LAYOUT_SCHEME}{split_layout_reference(reference)[0]}@{self.digest}"
+        ref = image_ref.parse(reference)
+        return f"{ref.registry}/{ref.repository}@{self.digest}"
+
 
 def push(image: AdapterImage, target: str, options: RegistryOptions | None = None) -> PushResult:
     """Push ``image`` to ``target`` (registry/repository:tag): blobs first, then the manifest under the tag."""
@@ -57,18 +64,35 @@ def push(image: AdapterImage, target: str, options: RegistryOptions | None = Non
     return PushResult(image.manifest.digest, pinned, tag, uploaded, skipped)
 
 
-def pull(reference: str, dest: Path, options: RegistryOptions | None = None) -> PullResult:
-    """Verify and unpack the image at ``reference`` into ``dest`` (replaced whole, never half-written)."""
+def pull(
+    reference: str,
+    dest: Path,
+    options: RegistryOptions | None = None,
+    *,
+    reuse: bool = False,
+    roots: tuple[str, ...] = unpack.ADAPTER_ROOTS,
+) -> PullResult:
+    """Verify and unpack the image at ``reference`` into ``dest`` (replaced whole, never half-written).
+
+    With ``reuse``, a ``dest`` that already holds this image's digest is kept as it is: a rerun after a
+    preemption does not download base weights again.
+    """
     if reference.startswith(LAYOUT_SCHEME):
         root, ref = split_layout_reference(reference)
         digest = layout.resolve(root, ref)
-        return _unpack(root, digest, dest, reference)
+        cached = _cached(dest, digest) if reuse else None
+        return cached or _unpack(root, digest, dest, reference, roots)
     remote = _parse(reference, "image reference")
     client = RegistryClient(remote.registry, options)
+    body, digest = _resolve_manifest(client, remote.repository, remote.digest or remote.tag or "latest")
+    cached = _cached(dest, digest) if reuse else None
+    if cached:
+        log.info("%s (%s) is already in %s", reference, digest[:19], dest)
+        return cached
     with tempfile.TemporaryDirectory(prefix="kaitune-pull-") as scratch:
         root = Path(scratch)
-        digest = _fetch_image(client, remote.repository, remote.digest or remote.tag or "latest", root)
-        return _unpack(root, digest, dest, reference)
+        _fetch_blobs(client, remote.repository, body, root)
+        return _unpack(root, digest, dest, reference, roots)
 
 
 def split_layout_reference(reference: str) -> tuple[Path, str]:
@@ -97,19 +121,22 @@ def _parse(text: str, what: str) -> image_ref.ImageRef:
     return ref
 
 
-def _fetch_image(client: RegistryClient, repository: str, reference: str, root: Path) -> str:
+def _resolve_manifest(client: RegistryClient, repository: str, reference: str) -> tuple[bytes, str]:
+    """The image manifest's bytes and digest; an index resolves to its linux/amd64 entry."""
     body, digest = client.fetch_manifest(repository, reference)
     manifest: dict[str, Any] = json.loads(body)
     if manifest.get("mediaType") in INDEX_TYPES or "manifests" in manifest:
-        chosen = _pick_platform(manifest["manifests"])
-        body, digest = client.fetch_manifest(repository, chosen)
-        manifest = json.loads(body)
+        body, digest = client.fetch_manifest(repository, _pick_platform(manifest["manifests"]))
+    return body, digest
+
+
+def _fetch_blobs(client: RegistryClient, repository: str, body: bytes, root: Path) -> None:
+    manifest: dict[str, Any] = json.loads(body)
     for descriptor in [manifest["config"], *manifest.get("layers", [])]:
         client.fetch_blob(repository, descriptor, root)
-    media_type = manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
-    layout.write_blob(root, Blob.of_bytes(media_type, body))
-    layout.tag_manifest(root, Blob.of_bytes(media_type, body), None)
-    return digest
+    blob = Blob.of_bytes(manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json"), body)
+    layout.write_blob(root, blob)
+    layout.tag_manifest(root, blob, None)
 
 
 def _pick_platform(manifests: list[dict[str, Any]]) -> str:
@@ -122,9 +149,26 @@ def _pick_platform(manifests: list[dict[str, Any]]) -> str:
     return str(manifests[0]["digest"])
 
 
-def _unpack(root: Path, digest: str, dest: Path, where: str) -> PullResult:
+MARKER = ".kaitune-image.json"
+
+
+def _cached(dest: Path, digest: str) -> PullResult | None:
+    try:
+        marker = json.loads((dest / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("digest") != digest:
+        return None
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.name != MARKER)
+    return PullResult(digest, files, dict(marker.get("annotations") or {}))
+
+
+def _unpack(root: Path, digest: str, dest: Path, where: str, roots: tuple[str, ...]) -> PullResult:
     manifest = layout.read_manifest(root, digest)
+    annotations = dict(manifest.get("annotations") or {})
     with atomic_dir(dest) as tmp:
-        files = unpack.unpack(root, manifest, tmp, where)
+        files = unpack.unpack(root, manifest, tmp, where, roots)
+        # Written last, inside the scratch directory: its presence means the whole image is there.
+        (tmp / MARKER).write_text(json.dumps({"digest": digest, "reference": where, "annotations": annotations}))
     log.info("pulled %s (%s): %d file(s) into %s", where, digest[:19], len(files), dest)
-    return PullResult(digest, files, dict(manifest.get("annotations") or {}))
+    return PullResult(digest, files, annotations)

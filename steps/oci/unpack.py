@@ -1,8 +1,9 @@
 """Unpack an image's files from a verified OCI layout: Kaito's ``/data`` layers and ORAS file layers.
 
 Two kinds of layer carry files:
-- a filesystem layer (tar, optionally gzip): its regular files under ``data/``
-  (Kaito's adapter and weights images) land in ``dest``, subdirectories kept;
+- a filesystem layer (tar, optionally gzip): its regular files under one of the
+  ``roots`` (``data/`` for Kaito's adapter images; weights images also use
+  ``workspace/tfs/weights/``) land in ``dest``, subdirectories kept;
 - an ORAS artifact layer (any other media type, named by its
   ``org.opencontainers.image.title`` annotation): the blob is the file.
 Links, devices and paths that would escape ``dest`` are skipped, and each tar's
@@ -28,7 +29,8 @@ TAR_MEDIA_TYPES = {
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 }
-DATA_PREFIX = PurePosixPath("data")
+ADAPTER_ROOTS = ("data",)
+WEIGHTS_ROOTS = ("data", "workspace/tfs/weights", "workspace/weights", "weights")
 
 
 def _safe_relative(name: str) -> PurePosixPath | None:
@@ -38,14 +40,23 @@ def _safe_relative(name: str) -> PurePosixPath | None:
     return path
 
 
-def _extract_tar(stream: IO[bytes], dest: Path) -> int:
+def _under_root(path: PurePosixPath, roots: tuple[str, ...]) -> PurePosixPath | None:
+    for root in roots:
+        prefix = PurePosixPath(root).parts
+        if path.parts[: len(prefix)] == prefix and len(path.parts) > len(prefix):
+            return PurePosixPath(*path.parts[len(prefix) :])
+    return None
+
+
+def _extract_tar(stream: IO[bytes], dest: Path, roots: tuple[str, ...]) -> int:
     count = 0
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             path = _safe_relative(member.name)
-            if not member.isfile() or path is None or path.parts[0] != DATA_PREFIX.name or len(path.parts) < 2:
+            relative = _under_root(path, roots) if path is not None and member.isfile() else None
+            if relative is None:
                 continue
-            target = dest.joinpath(*path.parts[1:])
+            target = dest.joinpath(*relative.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             src = tar.extractfile(member)
             assert src is not None
@@ -64,7 +75,9 @@ def _diff_ids(root: Path, manifest: dict[str, Any]) -> list[str] | None:
     return list(ids) if isinstance(ids, list) else None
 
 
-def unpack(root: Path, manifest: dict[str, Any], dest: Path, where: str) -> list[str]:
+def unpack(
+    root: Path, manifest: dict[str, Any], dest: Path, where: str, roots: tuple[str, ...] = ADAPTER_ROOTS
+) -> list[str]:
     """Write the image's files into ``dest``; return their names. ``where`` names the image in errors."""
     dest.mkdir(parents=True, exist_ok=True)
     diff_ids = _diff_ids(root, manifest)
@@ -76,7 +89,7 @@ def unpack(root: Path, manifest: dict[str, Any], dest: Path, where: str) -> list
             if media_type in TAR_MEDIA_TYPES and not title:
                 source = cast(IO[bytes], gzip.GzipFile(fileobj=blob)) if media_type.endswith("gzip") else blob
                 plain = HashingReader(source)
-                _extract_tar(cast(IO[bytes], plain), dest)
+                _extract_tar(cast(IO[bytes], plain), dest, roots)
                 plain.drain()
                 expected = diff_ids[tar_index] if diff_ids and tar_index < len(diff_ids) else None
                 if expected and plain.digest != expected:
@@ -97,7 +110,7 @@ def unpack(root: Path, manifest: dict[str, Any], dest: Path, where: str) -> list
     names = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     if not names:
         raise BadInput(
-            Problem(where, "holds no files under /data and no ORAS file layers",
+            Problem(where, f"holds no files under {', '.join('/' + r for r in roots)} and no ORAS file layers",
                     "push the adapter with kaitune, or put the files under /data in the image")
         )  # fmt: skip
     return names
