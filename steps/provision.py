@@ -1,10 +1,12 @@
 """provision: get the nodes training runs on, and say what they are.
 
 Local target: report this machine's devices and the memory plan. Kubernetes
-target (Karpenter NodeClaims or labelled BYO nodes): not in this version yet,
-refused with a clear error rather than pretending.
+target: with ``resource.instanceType``, a Karpenter NodeClaim (created or reused)
+and a wait until its Node is Ready with GPUs; without it, the best ready GPU node
+among those ``resource.labelSelector`` picks (BYO), its memory checked against the plan.
 
-Outputs: nodes, devices, pod-spec-patch (node placement for the train pod).
+Outputs: nodes, devices, node-selector (the labels train and serve pods select),
+pod-spec-patch (node placement for the train pod).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pipelines.errors import BadInput, Problem
-from pipelines.plan import make_plan
+from pipelines.plan import Plan, make_plan
 from pipelines.plan_report import plan_table
 from pipelines.spec import PlanRequest
 from steps.contract import run_step, write_outputs
@@ -36,6 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--instance-type", default="")
     p.add_argument("--training-config", default="{}")
     p.add_argument("--config-source", choices=["default", "configmap"], default="default")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--label-selector", default="{}", help="resource.labelSelector.matchLabels as JSON")
+    p.add_argument("--preferred-nodes", default="[]", help="resource.preferredNodes as JSON")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the GPU node")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between readiness checks")
     p.add_argument("--outputs", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -54,16 +61,39 @@ def local_devices() -> list[str]:
     return devices
 
 
+def kubernetes_nodes(args: argparse.Namespace, plan: Plan) -> dict[str, str]:
+    from pipelines.presets import PRESETS
+    from steps import gpu_nodes, kube
+
+    apis = kube.connect()
+    match_labels: dict[str, str] = json.loads(args.label_selector)
+    if plan.sku is not None:
+        labels = gpu_nodes.node_labels(args.workspace, args.namespace, match_labels)
+        manifest = gpu_nodes.nodeclaim_manifest(
+            args.workspace,
+            args.namespace,
+            plan.sku,
+            match_labels,
+            gpu_nodes.storage_gib(PRESETS[plan.preset].shape.params),
+        )
+        claim = gpu_nodes.ensure_claim(apis, manifest)
+        node = gpu_nodes.wait_for_claim(apis, claim["metadata"]["name"], gpu_nodes.Wait(args.timeout, args.poll))
+        devices = f"{plan.sku.count} x {plan.sku.gpu} ({plan.sku.name})"
+    else:
+        choice = gpu_nodes.byo_nodes(
+            apis, match_labels, json.loads(args.preferred_nodes), plan.estimate.total_gib, plan.gpus_needed
+        )
+        node, labels = choice.name, {"kubernetes.io/hostname": choice.name}
+        memory = f" {choice.gpu_memory_gib:.0f} GiB" if choice.gpu_memory_gib else ""
+        devices = f"{choice.gpus} x {choice.product}{memory} (BYO node)"
+    log.info("training runs on %s: %s", node, devices)
+    patch = {"nodeSelector": labels}
+    return {"nodes": node, "devices": devices, "node-selector": json.dumps(labels, sort_keys=True),
+            "pod-spec-patch": json.dumps(patch, sort_keys=True)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.target != "local":
-        raise BadInput(
-            Problem(
-                "provision",
-                "creating Karpenter NodeClaims or selecting GPU nodes is not available in this kaitune version yet",
-                "run locally with 'kaitune run'",
-            )
-        )
     request = PlanRequest(
         args.workspace,
         args.preset,
@@ -72,13 +102,16 @@ def main(argv: list[str] | None = None) -> None:
         json.loads(args.training_config),
         args.config_source == "default",
     )
-    plan, problems = make_plan(request, local=True)
+    plan, problems = make_plan(request, local=args.target == "local")
     if problems:
         raise BadInput(problems)
+    Console(stderr=True, width=120).print(plan_table(plan))
+    if args.target == "kubernetes":
+        write_outputs(args.outputs, kubernetes_nodes(args, plan))
+        return
     devices = local_devices()
     for device in devices:
         log.info("device %s", device)
-    Console(stderr=True, width=120).print(plan_table(plan))
     if not plan.fits:
         raise BadInput(
             Problem(
@@ -87,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
                 "use a smaller preset or tiny-phi3 locally",
             )
         )
+    node = platform.node() or "localhost"
     write_outputs(
-        args.outputs, {"nodes": platform.node() or "localhost", "devices": "; ".join(devices), "pod-spec-patch": "{}"}
+        args.outputs,
+        {"nodes": node, "devices": "; ".join(devices), "node-selector": "{}", "pod-spec-patch": "{}"},
     )
 
 
