@@ -66,6 +66,7 @@ def workflow_parameters(spec: Spec, plan: Plan) -> dict[str, str]:
         "model-image-pull-secret": spec.model_image_pull_secret or "",
         "instance-type": spec.instance_type or "",
         "label-selector": json.dumps(spec.label_selector, sort_keys=True),
+        "preferred-nodes": json.dumps(spec.preferred_nodes),
         "training-config": json.dumps(spec.training_config, sort_keys=True),
         "config-source": "default" if spec.config_is_default else "configmap",
         "input-kind": spec.input.kind,
@@ -197,8 +198,9 @@ def build(
             "provision", images.step, "provision",
             flags(target=wf("target"), workspace=wf("workspace"), preset=wf("preset"), method=wf("method"),
                   instance_type=wf("instance-type"), training_config=wf("training-config"),
-                  config_source=wf("config-source"), outputs=OUTPUTS_DIR),
-            outputs=_outputs("nodes", "devices", "pod-spec-patch"),
+                  config_source=wf("config-source"), namespace="{{workflow.namespace}}",
+                  label_selector=wf("label-selector"), preferred_nodes=wf("preferred-nodes"), outputs=OUTPUTS_DIR),
+            outputs=_outputs("nodes", "devices", "node-selector", "pod-spec-patch"),
         )  # fmt: skip
         fetch_mounts = [work]
         if spec.input.kind == "volume":
@@ -269,7 +271,8 @@ def build(
             outputs=_outputs("endpoint", "server-pid", "chat-reply", "curl"),
         )  # fmt: skip
         _step("cleanup", images.step, "cleanup",
-              flags(target=wf("target"), workspace=wf("workspace"), workflow_status="{{workflow.status}}"))  # fmt: skip
+              flags(target=wf("target"), workspace=wf("workspace"), namespace="{{workflow.namespace}}",
+                    workflow_status="{{workflow.status}}"))  # fmt: skip
 
         with DAG(name="main"):
             Task(name="provision", template=provision)

@@ -127,12 +127,3 @@ def test_pull_detects_a_corrupted_blob(tmp_path: Path) -> None:
 def test_push_without_adapter_is_bad_input(tmp_path: Path) -> None:
     result = push(tmp_path, tmp_path / "out", "--layout", str(tmp_path / "img"))
     assert result.returncode == 2 and "run the train step first" in result.stderr
-
-
-def test_kubernetes_targets_are_refused_not_faked(tmp_path: Path) -> None:
-    for module, args in [
-        ("provision", ["--workspace", "w", "--preset", "tiny-phi3", "--method", "lora", "--outputs", str(tmp_path)]),
-        ("cleanup", ["--workspace", "w"]),
-    ]:
-        result = step(module, "--target", "kubernetes", *args)
-        assert result.returncode == 2 and "not available in this kaitune version" in result.stderr
