@@ -263,8 +263,12 @@ def build(
         deploy = _step(
             "deploy", images.step, "deploy",
             flags(target=wf("target"), workspace=wf("workspace"), base_model=wf("model"),
-                  image_ref="{{inputs.parameters.image-ref}}", work=WORK_MOUNT, outputs=OUTPUTS_DIR),
-            inputs=[Parameter(name="image-ref")],
+                  image_ref="{{inputs.parameters.image-ref}}", work=WORK_MOUNT, outputs=OUTPUTS_DIR,
+                  namespace="{{workflow.namespace}}", node_selector="{{inputs.parameters.node-selector}}",
+                  gpus=str(max(plan.gpus_requested, 1)), serve_image=images.serve, step_image=images.step,
+                  push_secret=wf("output-push-secret"), model_token_secret=spec.model_token_secret or "",
+                  model_token_key=spec.model_token_key),
+            inputs=[Parameter(name="image-ref"), Parameter(name="node-selector")],
             # The login that pushed the adapter pulls it back (the server's init container does the same).
             volume_mounts=[work, *push_mounts[1:]] if spec.output.kind == "image" else [work],
             env=push_env,
@@ -289,7 +293,10 @@ def build(
                 name="deploy",
                 template=deploy,
                 depends="push",
-                arguments={"image-ref": task_output("push", "image-ref")},
+                arguments={
+                    "image-ref": task_output("push", "image-ref"),
+                    "node-selector": task_output("provision", "node-selector"),
+                },
             )
     return workflow
 

@@ -2,9 +2,12 @@
 
 Local target: pull the adapter from the image (digests verified), start the
 server as a background process on 127.0.0.1, wait for /health, smoke-test
-/v1/models and /chat. Kubernetes target: not in this version yet (refused).
+/v1/models and /chat. Kubernetes target: server-side apply a Deployment (vLLM
+with the adapter, pulled by digest in an init container) and a Service, wait for
+the rollout (a pod that cannot start is reported with its reason), then run the
+same smoke test against the in-cluster endpoint.
 
-Outputs: endpoint, server-pid, chat-reply, curl.
+Outputs: endpoint, server-pid (local), chat-reply, curl.
 """
 
 from __future__ import annotations
@@ -43,6 +46,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--health-timeout", type=float, default=180.0)
     p.add_argument("--outputs", type=Path, required=True)
+    k8s = p.add_argument_group("kubernetes target")
+    k8s.add_argument("--namespace", default="default")
+    k8s.add_argument("--node-selector", default="{}", help="the provision step's node-selector (JSON)")
+    k8s.add_argument("--gpus", type=int, default=1)
+    k8s.add_argument("--serve-image", default="")
+    k8s.add_argument("--step-image", default="")
+    k8s.add_argument("--runtime", choices=["vllm", "transformers"], default="vllm")
+    k8s.add_argument("--push-secret", default="", help="Secret name: the login that pushed the adapter pulls it")
+    k8s.add_argument("--model-token-secret", default="")
+    k8s.add_argument("--model-token-key", default="token")
+    k8s.add_argument("--rollout-timeout", type=float, default=1800.0)
+    k8s.add_argument("--poll", type=float, default=5.0)
+    k8s.add_argument("--endpoint", default="", help="default: the Service's in-cluster address")
     options.add_arguments(p)
     return p.parse_args(argv)
 
@@ -80,16 +96,58 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float, log_pa
     raise Transient(f"the server at {url} was not healthy within {timeout:.0f}s (log: {log_path})")
 
 
+def smoke_test(url: str, workspace: str) -> str:
+    """/v1/models lists the adapter and /chat answers: the user's first curl, run for them."""
+    models = [m["id"] for m in http_json("GET", f"{url}/v1/models")["data"]]
+    if workspace not in models:
+        raise BadInput(Problem("deploy", f"/v1/models lists {models}, not the adapter {workspace!r}",
+                               "check the adapter image"))  # fmt: skip
+    reply = http_json("POST", f"{url}/chat", {"prompt": SMOKE_PROMPT, "generate_kwargs": {"max_new_tokens": 24}})
+    answer = str(reply["Result"])
+    log.info("smoke test: /chat %r -> %r", SMOKE_PROMPT, answer)
+    return answer
+
+
+def curl_for(url: str) -> str:
+    body = shlex.quote(json.dumps({"prompt": SMOKE_PROMPT}))
+    return f"curl -s -X POST {url}/chat -H 'Content-Type: application/json' -d {body}"
+
+
+def deploy_kubernetes(args: argparse.Namespace) -> None:
+    from steps import inference_k8s, kube
+
+    if args.image_ref.startswith("oci-layout://"):
+        raise BadInput(
+            Problem("tuning.output", "a pod cannot pull the adapter from an image layout on a volume",
+                    "push to a registry for serving on Kubernetes: set tuning.output.image and imagePushSecret")
+        )  # fmt: skip
+    serving = inference_k8s.Serving(
+        workspace=args.workspace,
+        namespace=args.namespace,
+        base_model=args.base_model,
+        image_ref=args.image_ref,
+        serve_image=args.serve_image,
+        step_image=args.step_image,
+        gpus=args.gpus,
+        node_selector=json.loads(args.node_selector),
+        push_secret=args.push_secret,
+        model_token_secret=args.model_token_secret,
+        model_token_key=args.model_token_key,
+        runtime=args.runtime,
+    )
+    apis = kube.connect()
+    inference_k8s.apply(apis, serving)
+    inference_k8s.wait_rollout(apis, serving, args.rollout_timeout, args.poll)
+    url = args.endpoint or f"http://{args.workspace}.{args.namespace}.svc.cluster.local"
+    answer = smoke_test(url, args.workspace)
+    write_outputs(args.outputs, {"endpoint": url, "server-pid": "", "chat-reply": answer, "curl": curl_for(url)})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.target != "local":
-        raise BadInput(
-            Problem(
-                "deploy",
-                "deploying to Kubernetes is not available in this kaitune version yet",
-                "run locally with 'kaitune run', or serve the adapter image with a Kaito inference Workspace",
-            )
-        )
+    if args.target == "kubernetes":
+        deploy_kubernetes(args)
+        return
     adapter_dir = args.work / "serving" / "adapter"
     pulled = transfer.pull(args.image_ref, adapter_dir, options.from_args(args))
     name = pulled.annotations.get("sh.kaito.model.name", args.workspace)
@@ -122,20 +180,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     log.info("started the %s server (pid %d) at %s", name, proc.pid, url)
     wait_healthy(url, proc, args.health_timeout, log_path)
-    models = [m["id"] for m in http_json("GET", f"{url}/v1/models")["data"]]
-    if args.workspace not in models:
-        raise BadInput(
-            Problem(
-                "deploy", f"/v1/models lists {models}, not the adapter {args.workspace!r}", "check the adapter image"
-            )
-        )
-    reply = http_json("POST", f"{url}/chat", {"prompt": SMOKE_PROMPT, "generate_kwargs": {"max_new_tokens": 24}})
-    answer = reply["Result"]
-    log.info("smoke test: /chat %r -> %r", SMOKE_PROMPT, answer)
-    curl = f"curl -s -X POST {url}/chat -H 'Content-Type: application/json' -d " + shlex.quote(
-        json.dumps({"prompt": SMOKE_PROMPT})
+    answer = smoke_test(url, args.workspace)
+    write_outputs(
+        args.outputs, {"endpoint": url, "server-pid": str(proc.pid), "chat-reply": answer, "curl": curl_for(url)}
     )
-    write_outputs(args.outputs, {"endpoint": url, "server-pid": str(proc.pid), "chat-reply": answer, "curl": curl})
 
 
 if __name__ == "__main__":

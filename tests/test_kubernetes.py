@@ -173,3 +173,156 @@ def test_no_credentials_or_permission_is_a_clear_error(tmp_path: Path, kube: Fak
     kube.deny.add(CLAIMS)
     denied = provision(tmp_path, "--instance-type", "Standard_NC6s_v3")
     assert denied.returncode == 2 and "forbidden (HTTP 403)" in denied.stderr and "service account" in denied.stderr
+
+
+DEPLOYMENTS = "/apis/apps/v1/namespaces/team-a/deployments"
+PODS = "/api/v1/namespaces/team-a/pods"
+IMAGE = "myacr.azurecr.io/adapters/phi-3@sha256:" + "a" * 64
+
+
+def deployment_controller(fail_with: str | None = None) -> Any:
+    """Plays the Deployment controller and the kubelet: each new generation rolls out, or its pod fails."""
+
+    def hook(fake: FakeKube, method: str, path: str) -> None:
+        for name, dep in fake.collection(DEPLOYMENTS).items():
+            generation = dep["metadata"]["generation"]
+            if dep.get("status", {}).get("observedGeneration") == generation:
+                continue
+            labels = dep["spec"]["template"]["metadata"]["labels"]
+            pod = {"metadata": {"name": f"{name}-{generation}-abcde", "labels": labels}, "status": {"phase": "Pending"}}
+            if fail_with == "OOMKilled":
+                pod["status"]["containerStatuses"] = [{"name": "inference", "ready": False, "restartCount": 2,
+                    "image": "x", "imageID": "", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]  # fmt: skip
+            elif fail_with:
+                pod["status"]["initContainerStatuses"] = [{"name": "pull-adapter", "ready": False, "restartCount": 0,
+                    "image": "x", "imageID": "", "state": {"waiting": {"reason": fail_with,
+                    "message": 'Back-off pulling image "ghcr.io/kaitune/step:0.1.0"'}}}]  # fmt: skip
+            fake.put(PODS, pod)
+            if not fail_with:
+                dep["status"] = {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1,
+                                 "readyReplicas": 1, "availableReplicas": 1}  # fmt: skip
+
+    return hook
+
+
+def deploy(tmp_path: Path, *args: str, image: str = IMAGE) -> subprocess.CompletedProcess[str]:
+    return step(
+        tmp_path, "deploy", "--target", "kubernetes", "--workspace", "ws-phi3", "--namespace", "team-a",
+        "--base-model", "kaitune/tiny-phi3", "--image-ref", image, "--work", str(tmp_path / "work"),
+        "--outputs", str(tmp_path / "out"), "--node-selector", '{"kaito.sh/workspace": "ws-phi3"}',
+        "--serve-image", "ghcr.io/kaitune/serve:0.1.0", "--step-image", "ghcr.io/kaitune/step:0.1.0",
+        "--push-secret", "acr-push", "--poll", "0.05", "--rollout-timeout", "20", *args,
+    )  # fmt: skip
+
+
+def test_inference_manifests_are_valid_kubernetes() -> None:
+    import kubernetes_validate
+
+    from steps import inference_k8s
+
+    serving = inference_k8s.Serving("ws-phi3", "team-a", "microsoft/Phi-3-mini-128k-instruct", IMAGE,
+                                    "ghcr.io/kaitune/serve:0.1.0", "ghcr.io/kaitune/step:0.1.0", 1,
+                                    {"kaito.sh/workspace": "ws-phi3"}, push_secret="acr-push",
+                                    model_token_secret="hf", model_token_key="HF_TOKEN")  # fmt: skip
+    dep, svc = inference_k8s.deployment(serving), inference_k8s.service(serving)
+    for obj in (dep, svc):
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+    pod = dep["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["command"][:5] == ["python", "-m", "pipelines.cli", "pull", IMAGE]
+    [server] = pod["containers"]
+    assert server["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert server["readinessProbe"]["httpGet"] == {"path": "/health", "port": 5000}
+    assert {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in pod["tolerations"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 5000, "protocol": "TCP"}]
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert "HF_TOKEN" not in json.dumps(init) and server["env"][0]["valueFrom"]["secretKeyRef"]["key"] == "HF_TOKEN"
+    bad = json.loads(json.dumps(dep))
+    bad["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "five thousand"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.30", strict=True)
+
+
+def test_a_rollout_that_fails_reports_the_pods_reason(tmp_path: Path, kube: FakeKube) -> None:
+    kube.hooks.append(deployment_controller(fail_with="ImagePullBackOff"))
+    result = deploy(tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "pull-adapter: ImagePullBackOff" in result.stderr and "imagePushSecret" in result.stderr
+    kube.hooks[:] = [deployment_controller(fail_with="OOMKilled")]
+    kube.collection(PODS).clear()
+    kube.collection(DEPLOYMENTS)["ws-phi3"]["spec"]["replicas"] = 2  # a new generation, as a user edit would make
+    oom = deploy(tmp_path, image=IMAGE.replace("a" * 64, "b" * 64))
+    assert oom.returncode == 2 and "OOMKilled (exit 137)" in oom.stderr and "larger instanceType" in oom.stderr
+
+
+def test_a_rollout_that_never_finishes_times_out(tmp_path: Path, kube: FakeKube) -> None:
+    result = deploy(tmp_path, "--rollout-timeout", "1")
+    assert result.returncode == 75 and "did not roll out within 1s" in result.stderr
+
+
+def test_an_image_layout_cannot_be_served_from_kubernetes(tmp_path: Path, kube: FakeKube) -> None:
+    result = deploy(tmp_path, image="oci-layout:///volumes/out@sha256:" + "c" * 64)
+    assert result.returncode == 2 and "set tuning.output.image" in result.stderr
+    assert kube.count("PATCH", DEPLOYMENTS) == 0
+
+
+@pytest.fixture
+def served_adapter(tmp_path: Path, tiny_phi3: Path) -> Iterator[str]:
+    """The serve runtime with an adapter, on loopback: what the rolled-out pod answers with."""
+    import socket
+    import time
+    import urllib.request
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_phi3), LoraConfig(r=4, target_modules=["qkv_proj"])
+    )
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_phi3).save_pretrained(adapter)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "steps.serve", "--base-model", "tiny-phi3", "--adapter-dir", str(adapter),
+           "--adapter-name", "ws-phi3", "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, "the server exited"
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_rollout_that_succeeds_is_smoke_tested_and_a_new_adapter_rolls_again(
+    tmp_path: Path, kube: FakeKube, served_adapter: str
+) -> None:
+    kube.hooks.append(deployment_controller())
+    result = deploy(tmp_path, "--endpoint", served_adapter)
+    assert result.returncode == 0, result.stderr
+    got = outputs(tmp_path)
+    assert got["endpoint"] == served_adapter and "chat-reply" in got  # an untrained adapter may say nothing
+    dep = kube.get(DEPLOYMENTS, "ws-phi3")
+    svc = kube.get("/api/v1/namespaces/team-a/services", "ws-phi3")
+    assert dep is not None and svc is not None and dep["metadata"]["generation"] == 1
+    assert dep["spec"]["template"]["spec"]["nodeSelector"] == {"kaito.sh/workspace": "ws-phi3"}
+    # Server-side apply, as the field manager kaitune.
+    assert ("PATCH", f"{DEPLOYMENTS}/ws-phi3") in kube.requests
+    again = deploy(tmp_path, "--endpoint", served_adapter)  # the same adapter: nothing changes
+    assert again.returncode == 0 and kube.get(DEPLOYMENTS, "ws-phi3")["metadata"]["generation"] == 1  # type: ignore[index]
+    new_image = IMAGE.replace("a" * 64, "d" * 64)
+    rolled = deploy(tmp_path, "--endpoint", served_adapter, image=new_image)
+    assert rolled.returncode == 0, rolled.stderr
+    dep = kube.get(DEPLOYMENTS, "ws-phi3")
+    assert dep is not None and dep["metadata"]["generation"] == 2
+    assert dep["spec"]["template"]["metadata"]["annotations"]["kaitune.io/adapter-image"] == new_image
