@@ -1,13 +1,17 @@
 """serve: the inference server, base model + LoRA adapter, with Kaito's ``/chat`` and the OpenAI API.
 
 Runtime ``transformers`` (CPU/local): transformers + peft in this process.
-Routes: /health, /v1/models, /v1/chat/completions, /chat.
+Routes: /health, /v1/models, /v1/chat/completions (with ``stream``), /chat.
+Bad input is an HTTP error, never a crash: malformed bodies 422, a prompt longer
+than the context 400 with the numbers, an unknown model 404, bodies over 1 MiB
+413; past ``--max-queue`` waiting requests the server answers 503 with Retry-After.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -21,6 +25,11 @@ from steps.contract import run_step
 
 log = logging.getLogger("kaitune")
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_BODY_BYTES = 1 << 20
+
+
+class InputTooLong(ValueError):
+    """The prompt and the requested new tokens do not fit the model's context."""
 
 
 class ChatMessage(BaseModel):
@@ -74,22 +83,54 @@ class Engine:
     def model_names(self) -> list[str]:
         return [self.base_name, *([self.adapter_name] if self.adapter_name else [])]
 
-    def generate(self, prompt_text: str, *, use_adapter: bool, kwargs: dict[str, Any]) -> tuple[str, int, int]:
-        import torch
+    @property
+    def context_length(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
 
+    def _prepare(self, prompt_text: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         gen = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, **kwargs}
         if not gen.get("do_sample"):
             gen.pop("temperature", None)
             gen.pop("top_p", None)
         inputs = self.tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
-        context: Any = contextlib.nullcontext()
-        if self.adapter_name and not use_adapter:
-            context = self.model.disable_adapter()
-        with self.lock, torch.no_grad(), context:
+        prompt_tokens, new_tokens = int(inputs["input_ids"].shape[1]), int(gen["max_new_tokens"])
+        if prompt_tokens + new_tokens > self.context_length:
+            raise InputTooLong(
+                f"the prompt has {prompt_tokens} tokens and {new_tokens} new tokens were asked for, but the "
+                f"context holds {self.context_length}: shorten the prompt or lower max_tokens/max_new_tokens"
+            )
+        return inputs, gen
+
+    def generate(self, prompt_text: str, *, use_adapter: bool, kwargs: dict[str, Any]) -> tuple[str, int, int]:
+        import torch
+
+        inputs, gen = self._prepare(prompt_text, kwargs)
+        with self.lock, torch.no_grad(), self._adapter(use_adapter):
             out = self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id, **gen)
         new = out[0, inputs["input_ids"].shape[1] :]
         text: str = self.tokenizer.decode(new, skip_special_tokens=True)
         return text, int(inputs["input_ids"].shape[1]), len(new)
+
+    def stream(self, prompt_text: str, *, use_adapter: bool, kwargs: dict[str, Any]) -> Any:
+        """Yield text pieces as they are generated (generation runs in a thread, under the model lock)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        inputs, gen = self._prepare(prompt_text, kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+
+        def run() -> None:
+            with self.lock, torch.no_grad(), self._adapter(use_adapter):
+                self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **gen)
+
+        threading.Thread(target=run, daemon=True).start()
+        yield from streamer
+
+    def _adapter(self, use_adapter: bool) -> Any:
+        if self.adapter_name and not use_adapter:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         text: str = self.tokenizer.apply_chat_template(
@@ -98,10 +139,33 @@ class Engine:
         return text
 
 
-def create_app(engine: Engine) -> Any:
-    from fastapi import FastAPI, HTTPException
+def create_app(engine: Engine, max_queue: int = 64) -> Any:
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="kaitune inference", version="1")
+    # Requests past this many in flight are refused at once (503) rather than piling up behind the model lock.
+    admission = threading.BoundedSemaphore(max_queue)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @contextlib.contextmanager
+    def admitted() -> Any:
+        if not admission.acquire(blocking=False):
+            raise HTTPException(503, "the server is busy; retry shortly", headers={"Retry-After": "1"})
+        try:
+            yield
+        except InputTooLong as exc:
+            raise HTTPException(400, str(exc)) from None
+        except (ValueError, TypeError) as exc:  # generate() rejecting a generate_kwargs entry
+            raise HTTPException(400, f"invalid generation arguments: {exc}") from None
+        finally:
+            admission.release()
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -118,16 +182,15 @@ def create_app(engine: Engine) -> Any:
     def chat(body: KaitoChatRequest) -> dict[str, str]:
         # An instruct model answers a bare prompt best as one user turn of its chat template.
         messages = body.messages or [ChatMessage(role="user", content=body.prompt or "")]
-        prompt = engine.chat_prompt(messages)
-        text, _, _ = engine.generate(prompt, use_adapter=True, kwargs=dict(body.generate_kwargs))
+        with admitted():
+            text, _, _ = engine.generate(engine.chat_prompt(messages), use_adapter=True,
+                                         kwargs=dict(body.generate_kwargs))  # fmt: skip
         return {"Result": text}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest) -> dict[str, Any]:
+    def chat_completions(body: ChatCompletionRequest) -> Any:
         if body.model not in engine.model_names():
             raise HTTPException(404, f"model {body.model!r} not found; available: {engine.model_names()}")
-        if body.stream:
-            raise HTTPException(400, "stream=true is not supported by the transformers runtime yet")
         kwargs: dict[str, Any] = {}
         if body.max_tokens:
             kwargs["max_new_tokens"] = body.max_tokens
@@ -135,13 +198,35 @@ def create_app(engine: Engine) -> Any:
             kwargs.update(do_sample=True, temperature=body.temperature)
         if body.top_p is not None:
             kwargs["top_p"] = body.top_p
-        text, prompt_tokens, completion_tokens = engine.generate(
-            engine.chat_prompt(body.messages), use_adapter=body.model == engine.adapter_name, kwargs=kwargs
-        )
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        prompt = engine.chat_prompt(body.messages)
+        use_adapter = body.model == engine.adapter_name
+        if body.stream:
+            with admitted():
+                pieces = engine.stream(prompt, use_adapter=use_adapter, kwargs=kwargs)
+                first = next(pieces, None)  # a too-long prompt fails here, before the 200 is sent
+
+            def events() -> Any:
+                def chunk(delta: dict[str, str], finish: str | None) -> str:
+                    payload = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                               "model": body.model, "choices": [{"index": 0, "delta": delta,
+                                                                  "finish_reason": finish}]}  # fmt: skip
+                    return f"data: {json.dumps(payload)}\n\n"
+
+                yield chunk({"role": "assistant"}, None)
+                for piece in [first, *pieces] if first is not None else []:
+                    if piece:
+                        yield chunk({"content": piece}, None)
+                yield chunk({}, "stop")
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        with admitted():
+            text, prompt_tokens, completion_tokens = engine.generate(prompt, use_adapter=use_adapter, kwargs=kwargs)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": ident,
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": created,
             "model": body.model,
             "choices": [
                 {
@@ -168,12 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--runtime", choices=["transformers"], default="transformers")
+    p.add_argument("--max-queue", type=int, default=64, help="requests in flight before 503")
     args = p.parse_args(argv)
     import uvicorn
 
     engine = Engine(args.base_model, args.adapter_dir, args.adapter_name)
     log.info("serving %s on http://%s:%d", engine.model_names(), args.host, args.port)
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(engine, args.max_queue), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
