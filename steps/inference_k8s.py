@@ -114,7 +114,7 @@ def deployment(s: Serving) -> dict[str, Any]:
                             "name": "inference",
                             "image": s.serve_image,
                             "command": [
-                                "python",
+                                "python3",  # the vLLM base image has no plain `python`
                                 "-m",
                                 "steps.serve",
                                 "--runtime",

@@ -1,5 +1,7 @@
 """serve: the inference server, base model + LoRA adapter, with Kaito's ``/chat`` and the OpenAI API.
 
+Runtime ``vllm`` (production): vLLM's OpenAI server with ``--enable-lora``, this process
+replaced by it, and Kaito's ``/chat`` added in-process by kaitune's vLLM endpoint plugin.
 Runtime ``transformers`` (CPU/local): transformers + peft in this process.
 Routes: /health, /v1/models, /v1/chat/completions (with ``stream``), /chat.
 Bad input is an HTTP error, never a crash: malformed bodies 422, a prompt longer
@@ -13,6 +15,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import shlex
+import sys
 import threading
 import time
 import uuid
@@ -245,6 +250,28 @@ def create_app(engine: Engine, max_queue: int = 64) -> Any:
     return app
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """vLLM's OpenAI server for the base model with the adapter, and the environment that loads /chat."""
+    from steps.model_loading import resolve_base
+    from steps.vllm_chat import ADAPTER_ENV, PLUGIN_NAME
+
+    source, base_name = resolve_base(args.base_model)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(source),
+            "--served-model-name", base_name, "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
+            "--generation-config", "vllm"]  # fmt: skip
+    env = {**os.environ, "VLLM_PLUGINS": PLUGIN_NAME}
+    if args.adapter_dir is not None:
+        rank = int(json.loads((args.adapter_dir / "adapter_config.json").read_text()).get("r", 8))
+        max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+        argv += ["--enable-lora", "--lora-modules", f"{args.adapter_name}={args.adapter_dir}",
+                 "--max-lora-rank", str(max_rank)]  # fmt: skip
+        env[ADAPTER_ENV] = args.adapter_name
+    return argv + shlex.split(args.vllm_args), env
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m steps.serve", description=__doc__)
     p.add_argument("--base-model", required=True)
@@ -252,9 +279,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter-name", default="adapter")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--runtime", choices=["transformers"], default="transformers")
+    p.add_argument("--runtime", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--dtype", default="auto", help="vllm runtime: the model dtype (auto, bfloat16, float32, ...)")
+    p.add_argument("--vllm-args", default="", help='vllm runtime: more server flags, e.g. "--max-model-len 4096"')
     p.add_argument("--max-queue", type=int, default=64, help="requests in flight before 503")
     args = p.parse_args(argv)
+    if args.runtime == "vllm":
+        command, env = vllm_command(args)
+        log.info("starting vLLM: %s", " ".join(command))
+        os.execve(command[0], command, env)  # vLLM takes over this process: signals and probes reach it
     import uvicorn
 
     engine = Engine(args.base_model, args.adapter_dir, args.adapter_name)
