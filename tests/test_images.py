@@ -38,7 +38,7 @@ def test_copy_sources_exist_and_base_is_pinned(containerfile: Path) -> None:
                 assert (ROOT / source).exists(), f"{containerfile}: COPY {source} does not exist"
         if op == "FROM":
             image = arg.split()[0]
-            assert re.search(r":\d+\.\d+\.\d+", image) or "@sha256:" in image, f"unpinned base {image}"
+            assert re.search(r":v?\d+\.\d+\.\d+", image) or "@sha256:" in image, f"unpinned base {image}"
     users = [arg for op, arg in steps if op == "USER"]
     assert users and not users[-1].startswith(("0", "root")), "images run as a non-root user"
 
