@@ -167,6 +167,108 @@ def pull(
         out.print(f"  {name}", markup=False, highlight=False)
 
 
+ArgoServer = Annotated[str | None, typer.Option("--argo-server", help="Argo Server URL (default: $ARGO_SERVER)")]
+ArgoNamespace = Annotated[str | None, typer.Option("-n", "--namespace", help="default: $ARGO_NAMESPACE or argo")]
+TokenFile = Annotated[Path | None, typer.Option(help="file holding the Argo token (default: $ARGO_TOKEN)")]
+CaFile = Annotated[Path | None, typer.Option("--ca-file", help="PEM bundle that signs the Argo Server")]
+
+
+def _argo(server: str | None, namespace: str | None, token_file: Path | None, ca_file: Path | None) -> Any:
+    from pipelines import argo_server
+
+    return argo_server.settings(server, namespace, token_file, ca_file)
+
+
+def _print_status(wf: dict[str, Any], wide: bool) -> None:
+    """kubectl-style columns: aligned, never truncated (scripts and wide terminals read them whole)."""
+    from pipelines.workflow_status import row
+
+    values = row(wf, wide=wide)
+    widths = [max(len(k), len(v)) for k, v in values.items()]
+    for cells in (list(values), list(values.values())):
+        out.print("   ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip(), markup=False,
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command()
+def submit(
+    file: SpecFile,
+    inline: Annotated[
+        bool, typer.Option("--inline", help="submit the whole Workflow, not a template reference")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="follow until done; exit 1 if the workflow fails")] = False,
+    apply_configmap: Annotated[
+        bool, typer.Option(help="server-side apply the spec's training ConfigMap in the namespace")
+    ] = True,
+    argo_server: ArgoServer = None,
+    namespace: ArgoNamespace = None,
+    token_file: TokenFile = None,
+    ca_file: CaFile = None,
+) -> None:
+    """Submit the Workspace as an Argo Workflow (from the kaitune-finetune WorkflowTemplate) through hera."""
+    from pipelines import submit as submitting
+
+    with user_errors():
+        spec, plan = load_and_plan(file)
+        settings = _argo(argo_server, namespace, token_file, ca_file)
+        if apply_configmap and spec.config_map:
+            from steps import kube
+
+            kube.apply_config_map(kube.connect(), spec.config_map, settings.namespace)
+        created = submitting.submit(settings, spec, plan, use_inline=inline)
+        name = created["metadata"]["name"]
+        out.print(f"workflow {name} submitted in {settings.namespace}", markup=False)
+        if not wait:
+            return
+        final = submitting.wait(settings, name, lambda wf: _print_status(wf, wide=True))
+    final_status = final.get("status", {})
+    if final_status.get("phase") != "Succeeded":
+        err.print(f"workflow {name} {final_status.get('phase')}: {final_status.get('message', '')}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    name: Annotated[str, typer.Argument(help="the workflow's name")],
+    output: Annotated[str, typer.Option("-o", "--output", help="wide, or json")] = "",
+    argo_server: ArgoServer = None,
+    namespace: ArgoNamespace = None,
+    token_file: TokenFile = None,
+    ca_file: CaFile = None,
+) -> None:
+    """The workflow as Kaito's columns (NAME INSTANCE RESOURCEREADY INFERENCEREADY WORKSPACEREADY AGE)."""
+    from pipelines import submit as submitting
+    from pipelines.workflow_status import row
+
+    with user_errors():
+        wf = submitting.get(_argo(argo_server, namespace, token_file, ca_file), name)
+    if output == "json":
+        out.print_json(data=row(wf, wide=True))
+    else:
+        _print_status(wf, wide=output == "wide")
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument(help="the workflow's name")],
+    step: Annotated[str | None, typer.Option(help="only this step: provision, fetch-data, train, push, deploy")] = None,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep streaming")] = False,
+    argo_server: ArgoServer = None,
+    namespace: ArgoNamespace = None,
+    token_file: TokenFile = None,
+    ca_file: CaFile = None,
+) -> None:
+    """A workflow's logs, all steps or one."""
+    from pipelines import argo_logs
+    from pipelines import submit as submitting
+
+    with user_errors():
+        settings = _argo(argo_server, namespace, token_file, ca_file)
+        pod = argo_logs.pod_for(submitting.get(settings, name), step) if step else None
+        for pod_name, line in argo_logs.lines(settings, name, pod, follow):
+            out.print(line if step else f"{pod_name}: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _steps_table(tasks: list[Any], title: str, final: bool) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("step", "status", "duration", "tries" if not final else "key outputs"):

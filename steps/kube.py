@@ -91,3 +91,15 @@ def _message(exc: Any) -> str:
         return str(json.loads(exc.body).get("message", exc.reason))
     except (TypeError, ValueError):
         return str(exc.reason)
+
+
+def apply_config_map(apis: Apis, config_map: dict[str, Any], namespace: str) -> None:
+    """Server-side apply the user's training ConfigMap, as Kaito users keep it beside the Workspace."""
+    from functools import partial
+
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": config_map["metadata"]["name"],
+            "namespace": namespace}, "data": config_map.get("data", {})}  # fmt: skip
+    name = body["metadata"]["name"]
+    call(f"apply ConfigMap {name}", partial(apis.core.patch_namespaced_config_map, name, namespace, body,
+         field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml"))  # fmt: skip
+    log.info("applied ConfigMap %s/%s", namespace, name)

@@ -30,12 +30,14 @@ KINDS = {
     "pods": ("Pod", "v1"),
     "services": ("Service", "v1"),
     "deployments": ("Deployment", "apps/v1"),
+    "configmaps": ("ConfigMap", "v1"),
 }
 NAMED = (
     "/apis/karpenter.sh/v1/nodeclaims",
     "/api/v1/nodes",
     "/api/v1/namespaces/{ns}/pods",
     "/api/v1/namespaces/{ns}/services",
+    "/api/v1/namespaces/{ns}/configmaps",
     "/apis/apps/v1/namespaces/{ns}/deployments",
 )
 
