@@ -81,12 +81,21 @@ def render(
     template: Annotated[
         bool, typer.Option("--template", help="a WorkflowTemplate (for GitOps) instead of a Workflow")
     ] = False,
+    gitops: Annotated[
+        Path | None, typer.Option("--gitops", help="write the GitOps bundle here (template, RBAC, ConfigMaps)")
+    ] = None,
     allow_local_urls: AllowLocal = False,
 ) -> None:
-    """Write the Argo Workflow (or WorkflowTemplate) for a Workspace as YAML."""
+    """Write the Argo Workflow (or WorkflowTemplate, or the whole GitOps bundle) for a Workspace as YAML."""
     with user_errors():
         spec, the_plan = load_and_plan(file, allow_local_urls=allow_local_urls)
         doc = render_workflow(spec, the_plan, kind="WorkflowTemplate" if template else "Workflow")
+    if gitops is not None:
+        from pipelines import gitops as bundle
+
+        for path in bundle.write(gitops, bundle.bundle(spec, the_plan)):
+            err.print(f"wrote {path}", markup=False)
+        return
     text = to_yaml(doc)
     if output is None:
         sys.stdout.write(text)

@@ -173,11 +173,37 @@ def test_kaito_preset_options_give_a_weights_image_and_a_model_access_secret(tmp
     assert result.returncode == 2 and "tuning.preset.presetOptions.image: is required" in result.stderr
 
 
-def test_gitops_template_is_in_sync(regen_golden: bool) -> None:
-    text = to_yaml(rendered(SEED, "WorkflowTemplate"))
-    if regen_golden:
-        GOLDEN.write_text(text)
-    assert GOLDEN.read_text() == text, "examples/gitops is stale: rerun pytest with --regen-golden"
+def test_gitops_bundle_is_valid_and_in_sync(regen_golden: bool, argo_schema: dict[str, Any], tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "render", str(SEED), "--gitops", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(files) == ["configmaps.yaml", "kustomization.yaml", "rbac.yaml", "workflowtemplate.yaml"]
+    kustomization = yaml.safe_load(files["kustomization.yaml"])
+    assert sorted(kustomization["resources"]) == ["configmaps.yaml", "rbac.yaml", "workflowtemplate.yaml"]
+    [template] = list(yaml.safe_load_all(files["workflowtemplate.yaml"]))
+    jsonschema.validate(template, strict(argo_schema))
+    assert template["spec"]["serviceAccountName"] == "kaitune"
+    kinds = []
+    for name in ("rbac.yaml", "configmaps.yaml"):
+        for doc in yaml.safe_load_all(files[name]):
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+            kinds.append(doc["kind"])
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
+                     "ConfigMap"]  # fmt: skip
+    rules = {(r, v) for d in yaml.safe_load_all(files["rbac.yaml"]) for rule in d.get("rules", [])
+             for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+    needed = {("nodeclaims", "create"), ("nodeclaims", "delete"), ("nodes", "get"), ("deployments", "patch"),
+              ("services", "patch"), ("pods", "list"), ("pods/log", "get"), ("workflowtaskresults", "create"),
+              ("configmaps", "patch")}  # fmt: skip
+    assert needed <= rules and not any(v in ("*", "escalate", "bind") for _, v in rules)
+    for name, text in files.items():
+        golden = GOLDEN.parent / name
+        if regen_golden:
+            golden.write_text(text)
+        assert golden.read_text() == text, f"examples/gitops/{name} is stale: rerun pytest with --regen-golden"
 
 
 def test_cli_render_writes_file(tmp_path: Path) -> None:
