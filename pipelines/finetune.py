@@ -14,7 +14,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from hera.workflows import DAG, Container, Parameter, RetryStrategy, Task, Workflow, WorkflowTemplate
+from hera.workflows import (
+    DAG,
+    Artifact,
+    Container,
+    Gauge,
+    Label,
+    NoneArchiveStrategy,
+    Parameter,
+    RetryStrategy,
+    Task,
+    Workflow,
+    WorkflowTemplate,
+)
 from hera.workflows import models as m
 
 from pipelines import __version__
@@ -102,15 +114,47 @@ def _retry() -> RetryStrategy:
     )
 
 
-def _outputs(*names: str) -> list[Parameter]:
-    return [Parameter(name=n, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{n}")) for n in names]
+# Step outputs the Argo UI shows on the workflow itself (global output parameters).
+GLOBAL_OUTPUTS = {
+    ("train", "eval-loss"): "eval-loss",
+    ("push", "digest"): "adapter-digest",
+    ("push", "image-ref"): "adapter-image",
+    ("deploy", "endpoint"): "endpoint",
+}
+
+
+def _outputs(step: str, *names: str) -> list[Parameter]:
+    return [
+        Parameter(name=n, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{n}"), global_name=GLOBAL_OUTPUTS.get((step, n)))
+        for n in names
+    ]
+
+
+def _metrics(step: str, *gauges: tuple[str, str, str]) -> list[Gauge]:
+    """Prometheus metrics Argo emits when the step ends: its duration, plus any gauges from its outputs."""
+    labels = [Label(key="step", value=step), Label(key="workspace", value=wf("workspace"))]
+    metrics = [Gauge(name="kaitune_step_duration_seconds", help="Duration of a kaitune pipeline step",
+                     labels=labels, realtime=False, value="{{duration}}")]  # fmt: skip
+    metrics += [
+        Gauge(name=name, help=help_, labels=labels, realtime=False, value=value) for name, help_, value in gauges
+    ]
+    return metrics
 
 
 def _mount(name: str, path: str) -> m.VolumeMount:
     return m.VolumeMount(name=name, mount_path=path)
 
 
+def _ui_artifacts() -> list[Artifact]:
+    """metrics.json and the loss curve as plain files (no tar), so the Argo UI shows them in place."""
+    return [
+        Artifact(name="metrics", path=f"{WORK_MOUNT}/adapter/metrics.json", archive=NoneArchiveStrategy()),
+        Artifact(name="loss-curve", path=f"{WORK_MOUNT}/adapter/loss_curve.png", archive=NoneArchiveStrategy()),
+    ]
+
+
 def _step(name: str, image: str, module: str, args: list[str], **kwargs: Any) -> Container:
+    kwargs.setdefault("metrics", _metrics(name))
     return Container(
         name=name,
         image=image,
@@ -200,7 +244,7 @@ def build(
                   instance_type=wf("instance-type"), training_config=wf("training-config"),
                   config_source=wf("config-source"), namespace="{{workflow.namespace}}",
                   label_selector=wf("label-selector"), preferred_nodes=wf("preferred-nodes"), outputs=OUTPUTS_DIR),
-            outputs=_outputs("nodes", "devices", "node-selector", "pod-spec-patch"),
+            outputs=_outputs("provision", "nodes", "devices", "node-selector", "pod-spec-patch"),
         )  # fmt: skip
         fetch_mounts = [work]
         if spec.input.kind == "volume":
@@ -221,7 +265,7 @@ def build(
                   allow_local_urls=wf("allow-local-urls"), work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             volume_mounts=fetch_mounts,
             env=fetch_env,
-            outputs=_outputs("rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest", "token-p50",
+            outputs=_outputs("fetch-data", "rows", "train-rows", "eval-rows", "bad-rows", "dataset-digest", "token-p50",
                              "token-p95", "token-p99", "rows-over-max-length"),
         )  # fmt: skip
         train_mounts, train_env = [work], []
@@ -244,8 +288,12 @@ def build(
             env=train_env,
             tolerations=GPU_TOLERATIONS,
             resources=m.ResourceRequirements(limits={"nvidia.com/gpu": m.Quantity(str(max(plan.gpus_requested, 1)))}),
-            outputs=_outputs("train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second",
-                             "adapter-dir"),
+            outputs=[*_outputs("train", "train-loss", "eval-loss", "eval-loss-before", "tokens", "tokens-per-second",
+                               "adapter-dir"),
+                     *(_ui_artifacts() if spec.ui_artifacts else [])],
+            metrics=_metrics("train", ("kaitune_tokens_trained", "Tokens the adapter was trained on",
+                                       "{{outputs.parameters.tokens}}"),
+                             ("kaitune_eval_loss", "Eval loss after training", "{{outputs.parameters.eval-loss}}")),
         )  # fmt: skip
         push_flags = flags(
             adapter_dir=f"{WORK_MOUNT}/adapter", model_name=wf("preset"), tag=wf("adapter-tag"), outputs=OUTPUTS_DIR
@@ -259,7 +307,7 @@ def build(
             push_mounts = [work, m.VolumeMount(name="push-secret", mount_path=PUSH_SECRET_MOUNT, read_only=True)]
             push_env = [m.EnvVar(name="DOCKER_CONFIG", value=PUSH_SECRET_MOUNT)]
         push = _step("push", images.step, "push", push_flags, volume_mounts=push_mounts, env=push_env,
-                     outputs=_outputs("digest", "image-ref", "tag"))  # fmt: skip
+                     outputs=_outputs("push", "digest", "image-ref", "tag"))  # fmt: skip
         deploy = _step(
             "deploy", images.step, "deploy",
             flags(target=wf("target"), workspace=wf("workspace"), base_model=wf("model"),
@@ -272,7 +320,7 @@ def build(
             # The login that pushed the adapter pulls it back (the server's init container does the same).
             volume_mounts=[work, *push_mounts[1:]] if spec.output.kind == "image" else [work],
             env=push_env,
-            outputs=_outputs("endpoint", "server-pid", "chat-reply", "curl"),
+            outputs=_outputs("deploy", "endpoint", "server-pid", "chat-reply", "curl"),
         )  # fmt: skip
         _step("cleanup", images.step, "cleanup",
               flags(target=wf("target"), workspace=wf("workspace"), namespace="{{workflow.namespace}}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -54,6 +55,8 @@ _CLUSTER_ONLY_TEMPLATE = {
     "securityContext",
     "priorityClassName",
     "timeout",
+    "metrics",  # Prometheus metrics: emitted by the Argo controller
+    "memoize",  # locally every step already reuses its finished output
 }
 _TEMPLATE_KEYS = {"name", "container", "dag", "inputs", "outputs", "retryStrategy"}
 _CONTAINER_KEYS = {"image", "command", "args", "env", "volumeMounts", "resources", "imagePullPolicy", "name"}
@@ -75,6 +78,7 @@ class TaskRun:
     started: float | None = None
     finished: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
     progress: str = ""
     log_path: Path | None = None
 
@@ -199,8 +203,11 @@ class LocalRunner:
                 if "path" not in out.get("valueFrom", {}):
                     refuse(f"{where}.outputs.parameters[{out.get('name')}]", "an output without valueFrom.path")
             for key in tmpl.get("outputs", {}):
-                if key != "parameters":
+                if key not in ("parameters", "artifacts"):
                     refuse(f"{where}.outputs.{key}", key)
+            for art in tmpl.get("outputs", {}).get("artifacts", []):
+                if "path" not in art:
+                    refuse(f"{where}.outputs.artifacts[{art.get('name')}]", "an artifact without a path")
             retry = tmpl.get("retryStrategy")
             if retry:
                 expr = retry.get("expression")
@@ -362,6 +369,7 @@ class LocalRunner:
         task.finished = time.monotonic()
         if task.exit_code == 0:
             task.outputs = self._read_outputs(tmpl, mapping, task)
+            task.artifacts = self._collect_artifacts(tmpl, mapping, task)
         task.status = "Succeeded" if task.exit_code == 0 else "Failed"
         self.on_change(task)
 
@@ -385,6 +393,23 @@ class LocalRunner:
                 with open(task.log_path or os.devnull, "a") as log:
                     log.write(f"kaitune runner: output parameter {param['name']!r} was not written to {path}\n")
         return outputs
+
+    def _collect_artifacts(
+        self, tmpl: dict[str, Any], mapping: list[tuple[str, Path]], task: TaskRun
+    ) -> dict[str, str]:
+        """Output artifacts copied under the run directory, as Argo would store them in its repository."""
+        out = {}
+        for art in tmpl.get("outputs", {}).get("artifacts", []):
+            source = Path(self._map_path(art["path"], mapping))
+            if not source.is_file():
+                if not art.get("optional"):
+                    task.exit_code = 1
+                continue
+            dest = self.run_dir / "artifacts" / task.name / f"{art['name']}{source.suffix}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
+            out[art["name"]] = str(dest)
+        return out
 
     def _dag_tasks(self) -> dict[str, TaskRun]:
         dag = self.templates[self.spec["entrypoint"]]["dag"]
@@ -449,6 +474,7 @@ class LocalRunner:
                     "attempts": t.attempts,
                     "seconds": round(t.duration or 0, 2),
                     "outputs": t.outputs,
+                    "artifacts": t.artifacts,
                 }
                 for t in [*result.tasks, *([result.exit_task] if result.exit_task else [])]
             ],

@@ -35,6 +35,7 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 # kaitune's extensions to the Workspace, as annotations: Secrets (key "token") for gated datasets and models.
 INPUT_TOKEN_ANNOTATION = "kaitune.io/input-token-secret"
 MODEL_TOKEN_ANNOTATION = "kaitune.io/model-token-secret"
+ARTIFACTS_ANNOTATION = "kaitune.io/ui-artifacts"
 
 
 class _Lenient(BaseModel):
@@ -152,6 +153,8 @@ class Spec(BaseModel):
     model_token_key: str = "token"  # its key: "token" (kaitune's annotation) or "HF_TOKEN" (Kaito's presetOptions)
     model_image: str | None = None  # base weights from an OCI image (Kaito's presetOptions.image)
     model_image_pull_secret: str | None = None
+    # metrics.json and the loss curve as Argo output artifacts; they need an artifact repository in the cluster.
+    ui_artifacts: bool = True
     source_dir: Path
     warnings: list[str] = []
 
@@ -578,6 +581,7 @@ def parse_documents(docs: list[dict[str, Any]], source_dir: Path, *, allow_local
         model_token_key=model_token_key,
         model_image=model_source.image,
         model_image_pull_secret=model_source.pull_secret,
+        ui_artifacts=annotations.get(ARTIFACTS_ANNOTATION, "true").lower() != "false",
         source_dir=source_dir,
         warnings=warnings,
     )

@@ -84,6 +84,11 @@ def test_quickstart_runs_all_five_steps(tmp_path: Path, kaitune_cache: Path) -> 
     assert float(outputs["train"]["eval-loss"]) < float(outputs["train"]["eval-loss-before"])
     assert outputs["deploy"]["chat-reply"].strip()
     assert "curl -s -X POST http://127.0.0.1:" in result.stdout
+    # The train step's UI artifacts, collected as Argo would: the metrics and the loss curve (a real PNG).
+    train_artifacts = next(t for t in summary["tasks"] if t["name"] == "train")["artifacts"]
+    metrics = json.loads(Path(train_artifacts["metrics"]).read_text())
+    assert f"{metrics['eval_loss']:.6f}" == outputs["train"]["eval-loss"]
+    assert Path(train_artifacts["loss-curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The adapter image landed in the volume the Workspace names, and the server was stopped.
     layout = tmp_path / "runs" / "quickstart" / "adapter-image"
     assert json.loads((layout / "index.json").read_text())["manifests"][0]["digest"] == outputs["push"]["digest"]

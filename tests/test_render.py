@@ -173,6 +173,29 @@ def test_kaito_preset_options_give_a_weights_image_and_a_model_access_secret(tmp
     assert result.returncode == 2 and "tuning.preset.presetOptions.image: is required" in result.stderr
 
 
+def test_argo_ui_gets_global_outputs_plain_artifacts_and_prometheus_metrics(tmp_path: Path) -> None:
+    doc = rendered(SEED)
+    templates = {t["name"]: t for t in doc["spec"]["templates"]}
+    globals_ = {p["globalName"]: (name, p["name"]) for name, t in templates.items()
+                for p in t.get("outputs", {}).get("parameters", []) if "globalName" in p}  # fmt: skip
+    assert globals_ == {"eval-loss": ("train", "eval-loss"), "adapter-digest": ("push", "digest"),
+                        "adapter-image": ("push", "image-ref"), "endpoint": ("deploy", "endpoint")}  # fmt: skip
+    artifacts = {a["name"]: a for a in templates["train"]["outputs"]["artifacts"]}
+    assert artifacts["loss-curve"]["path"].endswith("loss_curve.png") and artifacts["loss-curve"]["archive"] == {
+        "none": {}
+    }
+    names = {g["name"] for g in templates["train"]["metrics"]["prometheus"]}
+    assert names == {"kaitune_step_duration_seconds", "kaitune_tokens_trained", "kaitune_eval_loss"}
+    assert templates["push"]["metrics"]["prometheus"][0]["gauge"]["value"] == "{{duration}}"
+    # Clusters without an artifact repository turn the artifacts off with an annotation.
+    plain = yaml.safe_load(SEED.read_text())
+    plain["metadata"]["annotations"] = {"kaitune.io/ui-artifacts": "false"}
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(plain))
+    train = next(t for t in rendered(path)["spec"]["templates"] if t["name"] == "train")
+    assert "artifacts" not in train["outputs"]
+
+
 def test_gitops_bundle_is_valid_and_in_sync(regen_golden: bool, argo_schema: dict[str, Any], tmp_path: Path) -> None:
     import kubernetes_validate
 
