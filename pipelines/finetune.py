@@ -269,6 +269,8 @@ def build(
                              "token-p95", "token-p99", "rows-over-max-length"),
         )  # fmt: skip
         train_mounts, train_env = [work], []
+        if spec.output.kind == "image":  # to find an adapter already pushed for the same inputs
+            train_mounts.append(m.VolumeMount(name="push-secret", mount_path=PUSH_SECRET_MOUNT, read_only=True))
         if spec.model_token_secret:
             train_mounts.append(m.VolumeMount(name="model-token", mount_path=MODEL_TOKEN_MOUNT, read_only=True))
         if spec.model_image and spec.model_image_pull_secret:
@@ -281,6 +283,8 @@ def build(
                   max_seq_length=wf("max-seq-length"), gradient_checkpointing=wf("gradient-checkpointing"),
                   token_file=f"{MODEL_TOKEN_MOUNT}/token" if spec.model_token_secret else "",
                   processes=wf("train-processes"), model_image=wf("model-image"),
+                  reuse_from=wf("output-image") if spec.output.kind == "image" else "",
+                  reuse_docker_config=PUSH_SECRET_MOUNT if spec.output.kind == "image" else "",
                   work=WORK_MOUNT, outputs=OUTPUTS_DIR),
             inputs=[Parameter(name="pod-spec-patch")],
             pod_spec_patch="{{inputs.parameters.pod-spec-patch}}",

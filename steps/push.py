@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipelines import __version__
 from pipelines.errors import BadInput, Problem
+from steps import adapter_lineage
 from steps.contract import run_step, write_outputs
 from steps.oci import adapter_image, layout, options, transfer
 
@@ -60,16 +61,7 @@ def image_annotations(adapter_dir: Path, model_name: str) -> dict[str, str]:
     if created:
         out["org.opencontainers.image.created"] = created
     if summary:
-        out.update(
-            {
-                "kaitune.base-model": summary["base_model"],
-                "kaitune.method": summary["method"],
-                "kaitune.dataset-digest": summary["dataset_digest"],
-                "kaitune.config-hash": summary["config_hash"],
-            }
-        )
-        if summary["metrics"].get("eval_loss") is not None:
-            out["kaitune.eval-loss"] = f"{summary['metrics']['eval_loss']:.6f}"
+        out.update(adapter_lineage.lineage_annotations(summary))
     return out
 
 

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", default="1", help="data-parallel processes: a number, or auto (one per GPU)")
     p.add_argument("--token-file", default="", help="mounted secret file with a Hugging Face token (gated models)")
     p.add_argument("--model-image", default="", help="OCI image with the base weights (Kaito's presetOptions.image)")
+    p.add_argument("--reuse-from", default="", help="the push target: reuse its adapter if its lineage matches")
+    p.add_argument("--reuse-docker-config", type=lambda v: Path(v) if v else None, default=None,
+                   help="the push target's login (its mounted Docker config)")  # fmt: skip
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--outputs", type=Path, required=True)
@@ -182,6 +185,25 @@ def _outputs(summary: dict[str, Any], adapter: Path) -> dict[str, str]:
     }
 
 
+def reuse_pushed(args: argparse.Namespace, key: str, adapter_dir: Path) -> bool:
+    """An adapter already pushed for exactly these inputs is pulled, not trained again (Argo resubmits)."""
+    from dataclasses import replace as with_changes
+
+    from steps import adapter_lineage
+    from steps.oci import transfer
+
+    registry = with_changes(options.from_args(args), docker_config=args.reuse_docker_config)
+    found = adapter_lineage.find_trained(args.reuse_from, key, registry)
+    if found is None:
+        return False
+    with atomic_dir(adapter_dir) as tmp:
+        transfer.pull(args.reuse_from, tmp, registry)
+        summary = {**adapter_lineage.summary_from(found), "reused_from": args.reuse_from}
+        write_json_atomic(tmp / "training_summary.json", summary)
+    log.info("%s already holds the adapter for these inputs (%s): reusing it, not training", args.reuse_from, key[:19])
+    return True
+
+
 def pull_weights(args: argparse.Namespace) -> tuple[Path | None, str]:
     """Base weights from an OCI image into the work volume (kept across reruns): the directory, the pinned ref."""
     if not args.model_image:
@@ -211,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     summary_path = adapter_dir / "training_summary.json"
     if summary_path.exists() and json.loads(summary_path.read_text()).get("config_hash") == key:
         log.info("adapter for these inputs is already trained (%s); reusing it", key[:19])
+        write_outputs(args.outputs, _outputs(json.loads(summary_path.read_text()), adapter_dir))
+        return
+    if args.reuse_from and reuse_pushed(args, key, adapter_dir):
         write_outputs(args.outputs, _outputs(json.loads(summary_path.read_text()), adapter_dir))
         return
     dist = distributed.current()

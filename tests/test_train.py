@@ -311,3 +311,62 @@ def test_base_weights_come_from_an_oci_image_in_a_registry(work: Path, tiny_phi3
     assert from_cache.returncode == 0, from_cache.stderr
     assert abs(float((work.parent / "out" / "eval-loss-before").read_text()) - from_image) > 1e-3
     assert pulls == 2  # the config and the one layer, once
+
+
+def test_the_reuse_key_changes_when_and_only_when_an_input_changes() -> None:
+    from steps.train import config_hash, parse_args
+
+    base = ["--model", "tiny-phi3", "--method", "lora", "--training-config", '{"LoraConfig": {"r": 8}}',
+            "--target-modules", TARGETS, "--compute-dtype", "float32", "--max-seq-length", "256",
+            "--work", "/w", "--outputs", "/o"]  # fmt: skip
+    key = config_hash(parse_args(base), "sha256:data", "")
+    changed = {
+        "model": ["--model", "phi-3-mini-4k-instruct"],
+        "method": ["--method", "qlora"],
+        "config": ["--training-config", '{"LoraConfig": {"r": 16}}'],
+        "targets": ["--target-modules", "o_proj"],
+        "dtype": ["--compute-dtype", "bfloat16"],
+        "length": ["--max-seq-length", "512"],
+    }
+    for what, override in changed.items():
+        assert config_hash(parse_args([*base, *override]), "sha256:data", "") != key, what
+    assert config_hash(parse_args(base), "sha256:other-data", "") != key
+    assert config_hash(parse_args(base), "sha256:data", "reg/w@sha256:1") != key
+    # What does not change the adapter does not change the key: where things run, log and land.
+    unchanged = ["--work", "/elsewhere", "--outputs", "/o2", "--processes", "4", "--checkpoint-minutes", "3",
+                 "--reuse-from", "myacr.azurecr.io/a:1", "--token-file", "/t"]  # fmt: skip
+    assert config_hash(parse_args([*base, *unchanged]), "sha256:data", "") == key
+
+
+def test_a_resubmit_reuses_the_pushed_adapter_instead_of_training(work: Path, tmp_path: Path) -> None:
+    from registry_server import run_registry
+
+    one_step = {**LORA, "TrainingArguments": {**LORA["TrainingArguments"], "max_steps": 2}}
+    with run_registry(tmp_path / "registry") as registry:
+        target = f"{registry.host}/adapters/tiny:0.1"
+        first = train(work, "lora", one_step, "--reuse-from", target)
+        assert first.returncode == 0, first.stderr
+        assert "no reusable adapter" in first.stderr
+        push = [sys.executable, "-m", "steps.push", "--adapter-dir", str(work / "adapter"), "--model-name", "tiny-phi3",
+                "--image", target]  # fmt: skip
+        pushed = subprocess.run([*push, "--outputs", str(tmp_path / "p1")], capture_output=True, text=True, timeout=120)
+        assert pushed.returncode == 0, pushed.stderr
+        uploads = registry.requests("PUT", r"/v2/adapters/tiny/blobs/uploads/\S+")
+        trained_loss = (work.parent / "out" / "eval-loss").read_text()
+        (work.parent / "out" / "eval-loss").unlink()
+        # A new workflow starts with an empty work volume: the adapter comes back from the registry.
+        shutil.rmtree(work / "adapter")
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        again = train(work, "lora", one_step, "--reuse-from", target)
+        assert again.returncode == 0, again.stderr
+        assert "reusing it, not training" in again.stderr and "eval loss before training" not in again.stderr
+        assert (work.parent / "out" / "eval-loss").read_text() == trained_loss
+        repushed = subprocess.run([*push, "--outputs", str(tmp_path / "p2")], capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+        assert repushed.returncode == 0, repushed.stderr
+        assert (tmp_path / "p2" / "digest").read_text() == (tmp_path / "p1" / "digest").read_text()
+        assert registry.requests("PUT", r"/v2/adapters/tiny/blobs/uploads/\S+") == uploads  # nothing uploaded
+        # A changed input invalidates the match: training runs again.
+        shutil.rmtree(work / "adapter")
+        changed = train(work, "lora", {**one_step, "LoraConfig": {"r": 8, "lora_alpha": 16}}, "--reuse-from", target)
+        assert changed.returncode == 0 and "reusing it" not in changed.stderr
