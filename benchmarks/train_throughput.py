@@ -167,9 +167,15 @@ def worker_kaitune(rows: list[list[dict[str, str]]], device: str, max_len: int) 
     return {"tokens": result.tokens, "seconds": result.seconds}
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict[str, float]:
+def run_worker(name: str, args: argparse.Namespace, jemalloc: bool) -> dict[str, float]:
+    from steps.allocator import jemalloc_path
+
     cmd = [sys.executable, __file__, "--worker", name, "--examples", str(args.examples), "--device", args.device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    library = jemalloc_path()
+    if jemalloc and library:
+        env["LD_PRELOAD"] = library  # what kaitune's train step does (steps/allocator.py)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     out = proc.stdout.read() if proc.stdout else ""
     if os.waitstatus_to_exitcode(status) != 0:
@@ -195,19 +201,28 @@ def main() -> None:
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(result))
         return
-    base, ours = run_worker("kaito", args), run_worker("kaitune", args)
+    from steps.allocator import jemalloc_path
+
+    jemalloc = args.device == "cpu" and jemalloc_path() is not None
+    base, ours = run_worker("kaito", args, jemalloc=False), run_worker("kaitune", args, jemalloc=jemalloc)
+    rows = [("kaito default (SFTTrainer, batch 1, no packing)", base),
+            (f"kaitune (packed{', jemalloc' if jemalloc else ''})", ours)]  # fmt: skip
+    if jemalloc:  # for a fair read: Kaito's default under the same allocator
+        rows.append(("kaito default + jemalloc", run_worker("kaito", args, jemalloc=True)))
     memory_key = "peak_gpu_mb" if args.device == "cuda" else "peak_rss_mb"
     print(
         f"device {args.device}, {args.examples} examples; same tokens: {base['tokens'] == ours['tokens']} "
         f"({int(ours['tokens'])} trained tokens)"
     )
-    for name, r in (("kaito default (SFTTrainer, batch 1, no packing)", base), ("kaitune (packed)", ours)):
+    for name, r in rows:
         print(
             f"{name:50s} {r['tokens'] / r['seconds']:7.0f} tokens/s  {r['seconds']:6.1f}s  "
             f"{memory_key} {r[memory_key]:6.0f} MB"
         )
     speed = (ours["tokens"] / ours["seconds"]) / (base["tokens"] / base["seconds"])
     print(f"ratio kaitune / kaito default: {speed:.2f}x tokens/s, memory {ours[memory_key] / base[memory_key]:.2f}x")
+    if not jemalloc and args.device == "cpu":
+        print("(no libjemalloc2 here: kaitune ran on glibc malloc; apt install libjemalloc2 for the shipped setup)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import BadInput, Problem
-from steps import distributed, loss_curve, packing
+from steps import allocator, distributed, loss_curve, packing
 from steps.chat_tokens import Encoded, encode
 from steps.contract import Progress, atomic_dir, run_step, write_json_atomic, write_outputs
 from steps.http_fetch import read_token
@@ -221,6 +221,8 @@ def pull_weights(args: argparse.Namespace) -> tuple[Path | None, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # a real command line, not a test calling main() in-process
+        allocator.reexec_with_jemalloc("steps.train", sys.argv[1:])
     args = parse_args(argv)
     sections = json.loads(args.training_config)
     data_dir, adapter_dir = args.work / "data", args.work / "adapter"
