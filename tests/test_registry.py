@@ -198,6 +198,8 @@ def test_token_auth_gets_a_push_scoped_token_after_a_pull(tmp_path: Path) -> Non
         # Every request carried a token for its scope: the only 401 is the first ping's challenge.
         refused = [line for line in registry.log.read_text().splitlines() if '" 401 ' in line]
         assert len(refused) == 1 and '"GET /v2/ ' in refused[0], refused
+        # oras-py's own methods run on the same transport (do_request is overridden), auth included.
+        assert client.get_tags("team/tiny") == ["1"]
         asked = [r["scopes"] for r in tokens.requests]
         assert ["repository:team/tiny:pull"] in asked
         assert any("repository:team/tiny:pull,push" in scopes for scopes in asked)
