@@ -184,7 +184,7 @@ class RegistryClient(oras.provider.Registry):
         if response.status_code == 401:
             challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
             if challenge is not None:
-                self._challenge = Challenge(challenge.scheme, {**challenge.params})
+                self._challenge = challenge
             response.close()
             response = send(fresh=True, hint=challenge.params.get("scope") if challenge else None)
         if response.status_code in (401, 403):
