@@ -214,6 +214,31 @@ def load_checkpoint(root: Path, model: Any, optimizer: Any, scheduler: Any) -> d
 # -- the loop ----------------------------------------------------------------------------------------------------
 
 
+def bf16_lora_matmuls(model: Any) -> None:
+    """Run each LoRA A/B matmul in bf16 on the bf16 activations, keeping the adapter's fp32 weights.
+
+    peft casts every LoRA input to the adapter's fp32 and keeps that copy for the backward pass: one fp32
+    copy of each targeted layer's input, per layer. With the cast off and the two small matmuls under
+    bf16 autocast, backward reuses the base layer's saved bf16 input, and gradients still reach the fp32
+    weights in fp32 (measured: ~15% faster, ~70 MB less at 1,024 tokens).
+    """
+    import torch
+    from peft.tuners.lora.layer import LoraLayer
+
+    def in_bf16(forward: Any) -> Any:
+        def run(x: Any) -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return forward(x)
+
+        return run
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and getattr(module, "cast_input_dtype_enabled", None) is not False:
+            module.cast_input_dtype_enabled = False
+            for inner in (*module.lora_A.values(), *module.lora_B.values()):
+                inner.forward = in_bf16(inner.forward)
+
+
 def train_loop(
     model: Any,
     train: list[Encoded],
@@ -244,9 +269,11 @@ def train_loop(
         return (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    # On CUDA, autocast. On CPU the base weights are simply loaded in bf16 and peft keeps the adapter in fp32,
-    # which avoids re-casting the adapter on every step.
+    # On CUDA, autocast. On CPU the base weights are loaded in bf16 and the adapter stays fp32 (its Adam states
+    # too), with only the LoRA matmuls in bf16 (see bf16_lora_matmuls); autocasting everything used more memory.
     use_autocast = device.type == "cuda" and cfg.compute_dtype != "float32"
+    if device.type == "cpu" and cfg.compute_dtype == "bfloat16":
+        bf16_lora_matmuls(model)
     autocast_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_autocast and cfg.compute_dtype == "float16")
 

@@ -370,3 +370,34 @@ def test_a_resubmit_reuses_the_pushed_adapter_instead_of_training(work: Path, tm
         shutil.rmtree(work / "adapter")
         changed = train(work, "lora", {**one_step, "LoraConfig": {"r": 8, "lora_alpha": 16}}, "--reuse-from", target)
         assert changed.returncode == 0 and "reusing it" not in changed.stderr
+
+
+def test_bf16_lora_matmuls_keep_fp32_weights_and_match_peft_gradients(tiny_phi3: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from steps.lora_training import bf16_lora_matmuls
+
+    def grads(convert: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, target_modules=["qkv_proj", "down_proj"], init_lora_weights=False))
+        if convert:
+            bf16_lora_matmuls(model)
+            layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "cast_input_dtype_enabled")]
+            assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+        ids = torch.arange(2, 66).unsqueeze(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+                   for p in trainable.values())  # fmt: skip
+        return float(loss), {n: p.grad for n, p in trainable.items()}
+
+    loss_ref, ref = grads(False)
+    loss_new, new = grads(True)
+    assert abs(loss_new - loss_ref) < 0.02 * abs(loss_ref)
+    for name, g in ref.items():
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), new[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
