@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import http_server, json_handler
 
 TOKEN = "Bearer kaitune-test-token-9f8e7d"
 STEP_ORDER = ("provision", "fetch-data", "train", "push", "deploy")
@@ -150,34 +151,9 @@ class FakeArgo:
 
     @contextlib.contextmanager
     def serve(self) -> Iterator[FakeArgo]:
-        fake = self
+        def answer(request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, Any]:
+            return self.handle(request.command, request.path, body, request.headers.get("Authorization", ""))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _do(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                body = self.rfile.read(length) if length else b""
-                status, answer = fake.handle(self.command, self.path, body, self.headers.get("Authorization", ""))
-                data = (answer if isinstance(answer, str) else json.dumps(answer)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _do
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with http_server(json_handler(answer)) as url:
+            self.url = url
             yield self
-        finally:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)

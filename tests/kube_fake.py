@@ -18,11 +18,12 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import yaml
+from loopback import http_server, json_handler
 
 KINDS = {
     "nodeclaims": ("NodeClaim", "karpenter.sh/v1"),
@@ -183,37 +184,12 @@ class FakeKube:
 
     @contextlib.contextmanager
     def serve(self) -> Iterator[FakeKube]:
-        fake = self
+        def answer(request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, Any]:
+            return self.handle(request.command, request.path, body, request.headers.get("Content-Type", ""))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _do(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                body = self.rfile.read(length) if length else b""
-                status, answer = fake.handle(self.command, self.path, body, self.headers.get("Content-Type", ""))
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _do
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with http_server(json_handler(answer)) as url:
+            self.url = url
             yield self
-        finally:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+from loopback import http_server, json_handler
 
 REGISTRY_BINARY = shutil.which("docker-registry")
 SERVICE = "kaitune-test-registry"
@@ -113,59 +114,34 @@ class TokenServer:
         signature = self.signer.private_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64url(signature)}"
 
+    def answer(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, Any]:
+        if request.command == "POST":  # the OAuth2 refresh-token grant that ACR's identity tokens use
+            form = urllib.parse.parse_qs(body.decode())
+            scopes = [s for value in form.get("scope", []) for s in value.split(" ")]
+            ok = form.get("grant_type") == ["refresh_token"] and form.get("refresh_token", [""])[0] in (
+                self.identity_tokens
+            )
+            self.requests.append({"method": "POST", "scopes": scopes, "user": "<token>" if ok else None})
+            if not ok:
+                return 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad refresh token"}]}
+            return 200, {"access_token": self.issue("identity", scopes)}
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        scopes = [s for value in query.get("scope", []) for s in value.split(" ")]
+        user = None
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            name, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            user = name if self.users.get(name) == password else None
+        self.requests.append({"method": "GET", "scopes": scopes, "user": user})
+        if user is None:
+            return 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]}
+        return 200, {"token": self.issue(user, scopes), "expires_in": 300}
+
     @contextlib.contextmanager
     def serve(self) -> Iterator[TokenServer]:
-        server_ref = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                scopes = [s for value in query.get("scope", []) for s in value.split(" ")]
-                user = None
-                header = self.headers.get("Authorization", "")
-                if header.startswith("Basic "):
-                    name, _, password = base64.b64decode(header[6:]).decode().partition(":")
-                    user = name if server_ref.users.get(name) == password else None
-                server_ref.requests.append({"method": "GET", "scopes": scopes, "user": user})
-                if user is None:
-                    self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]})
-                    return
-                self._answer(200, {"token": server_ref.issue(user, scopes), "expires_in": 300})
-
-            def do_POST(self) -> None:  # OAuth2 refresh-token grant, as ACR's identity tokens use
-                length = int(self.headers.get("Content-Length", "0"))
-                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-                scopes = [s for value in form.get("scope", []) for s in value.split(" ")]
-                ok = form.get("grant_type") == ["refresh_token"] and form.get("refresh_token", [""])[0] in (
-                    server_ref.identity_tokens
-                )
-                server_ref.requests.append({"method": "POST", "scopes": scopes, "user": "<token>" if ok else None})
-                if not ok:
-                    self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad refresh token"}]})
-                    return
-                self._answer(200, {"access_token": server_ref.issue("identity", scopes)})
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{httpd.server_address[1]}/token"
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with http_server(json_handler(self.answer)) as url:
+            self.url = f"{url}/token"
             yield self
-        finally:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
 
 
 @dataclass
